@@ -1,0 +1,11 @@
+"""resnetkit: the ResNet family, from building to serving.
+
+    >>> import resnetkit
+    >>> model = resnetkit.create_model("resnet18", num_classes=10, stem="cifar")
+"""
+
+__version__ = "0.1.0"
+
+from resnetkit.models import create_model, list_models, load_weights  # noqa: E402  (registers the zoo)
+
+__all__ = ["__version__", "create_model", "list_models", "load_weights"]

@@ -1,0 +1,7 @@
+"""`python -m resnetkit ...` (also what `torchrun -m resnetkit train ...` runs)."""
+
+import sys
+
+from resnetkit.cli import main
+
+sys.exit(main())
