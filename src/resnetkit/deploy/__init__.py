@@ -1,0 +1,1 @@
+"""Deployment: prediction, export, the optimised CPU inference engine and the HTTP server."""
