@@ -1,0 +1,499 @@
+"""An HTTP server for a classifier: FastAPI on uvicorn, with micro-batching, Prometheus metrics and a web page.
+
+    resnetkit serve --checkpoint runs/cifar/best.pt --port 8000      # then open http://127.0.0.1:8000/
+    curl -F files=@cat.jpg 'http://127.0.0.1:8000/v1/predict?top_k=3'
+
+Endpoints: POST /v1/predict (multipart field `files`, one or several images; query `top_k`), POST /v1/explain
+(field `file`: the Grad-CAM overlay of the top class as a base64 PNG), GET /v1/model, GET /health, GET /metrics,
+GET /docs (OpenAPI), GET / (the web page).
+
+Every bad request (too large, a decompression bomb, not an image, a missing or wrong field) is answered with a
+4xx status and a JSON body {"error": "..."}; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from resnetkit.deploy.predict import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, Predictor, open_image
+
+CONFIG_ENV = "RESNETKIT_SERVE_CONFIG"  # how `--workers N` hands the settings to each uvicorn worker process
+
+
+@dataclass
+class ServeConfig:
+    """What `resnetkit serve` was asked for; plain data so it can travel to worker processes as JSON."""
+
+    checkpoint: str
+    backend: str = "torch"  # "torch" or "onnxruntime"
+    max_batch: int = 16  # images per model call
+    max_wait_ms: float = 5.0  # how long the first image of a batch waits for others
+    max_request_bytes: int = 20 * 1024 * 1024  # whole request body; larger ones are answered 413
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per image, checked from the header before decoding
+    max_images: int = 64  # images per request
+    max_top_k: int = 100
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("torch", "onnxruntime"):
+            raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {self.backend!r}")
+        for key in ("max_batch", "max_request_bytes", "max_pixels", "max_images", "max_top_k"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/model", "/v1/predict", "/v1/explain", "/docs", "/openapi.json")
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)  # per bucket, not cumulative
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.total += 1
+        self.sum += value
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        sep = "," if labels else ""
+        out, running = [], 0
+        for bound, count in zip(self.buckets, self.counts):
+            running += count
+            out.append(f'{name}_bucket{{{labels}{sep}le="{bound:g}"}} {running}')
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.total}')
+        suffix = f"{{{labels}}}" if labels else ""
+        out += [f"{name}_sum{suffix} {self.sum:.6f}", f"{name}_count{suffix} {self.total}"]
+        return out
+
+
+class Metrics:
+    """Request counts by endpoint and status, request latency and batch size histograms, in Prometheus text."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.latency: dict[str, Histogram] = {}
+        self.batch_size = Histogram(BATCH_BUCKETS)
+        self.images = 0
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests[(endpoint, status)] += 1
+        self.latency.setdefault(endpoint, Histogram(LATENCY_BUCKETS)).observe(seconds)
+
+    def observe_batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+        self.images += size
+
+    def render(self) -> str:
+        lines = [
+            "# HELP resnetkit_requests_total HTTP requests by endpoint and status code.",
+            "# TYPE resnetkit_requests_total counter",
+        ]
+        for (endpoint, status), n in sorted(self.requests.items()):
+            lines.append(f'resnetkit_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+        lines += [
+            "# HELP resnetkit_request_latency_seconds Time from request to response.",
+            "# TYPE resnetkit_request_latency_seconds histogram",
+        ]
+        for endpoint, hist in sorted(self.latency.items()):
+            lines += hist.lines("resnetkit_request_latency_seconds", f'endpoint="{endpoint}"')
+        lines += [
+            "# HELP resnetkit_batch_size Images per model call (micro-batches of concurrent requests).",
+            "# TYPE resnetkit_batch_size histogram",
+        ]
+        lines += self.batch_size.lines("resnetkit_batch_size")
+        lines += [
+            "# HELP resnetkit_images_total Images classified.",
+            "# TYPE resnetkit_images_total counter",
+            f"resnetkit_images_total {self.images}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+
+class MicroBatcher:
+    """Groups images from concurrent requests into one model call: up to `max_batch` images, or whatever has
+    arrived `max_wait_ms` after the first one. Model calls run one at a time on `executor` (a single thread), so
+    the event loop keeps accepting requests while the model works."""
+
+    def __init__(
+        self,
+        run_batch,
+        max_batch: int,
+        max_wait_ms: float,
+        executor: ThreadPoolExecutor,
+        metrics: Metrics | None = None,
+    ):
+        self.run_batch = run_batch  # float batch (N, C, H, W) -> per-image results, indexable by position
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.executor = executor
+        self.metrics = metrics
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    async def submit(self, image: torch.Tensor):
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((image, future))
+        return await future
+
+    async def _collect(self) -> list:
+        items = [await self.queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.max_wait
+        while len(items) < self.max_batch:
+            with contextlib.suppress(asyncio.QueueEmpty):
+                items.append(self.queue.get_nowait())
+                continue
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            # Not asyncio.wait_for(queue.get()): on Python 3.11 a timeout racing a completed get loses the item.
+            getter = asyncio.ensure_future(self.queue.get())
+            done, _ = await asyncio.wait({getter}, timeout=remaining)
+            if getter in done:
+                items.append(getter.result())
+                continue
+            getter.cancel()  # a cancelled get leaves its item in the queue for the next batch
+            break
+        return items
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._collect()
+            items = [(x, f) for x, f in items if not f.done()]  # drop requests whose client went away
+            if not items:
+                continue
+            if self.metrics is not None:
+                self.metrics.observe_batch(len(items))
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, torch.stack([x for x, _ in items]))
+            except Exception as e:  # a model failure fails this batch's requests, not the server
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            for i, (_, future) in enumerate(items):
+                if not future.done():
+                    future.set_result(results[i])
+
+
+# ---------------------------------------------------------------------------------------------------- ASGI layers
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class LimitsAndMetrics:
+    """Outermost ASGI layer: refuses request bodies over `max_bytes` with 413 (by Content-Length before reading,
+    and while reading for chunked uploads), and records every response's status and latency."""
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        status = {"code": 500, "sent": False}
+
+        async def send_tracking(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+            await send(message)
+
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+                raise _TooLarge
+            received = 0
+
+            async def receive_limited():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_bytes:
+                        raise _TooLarge
+                return message
+
+            await self.app(scope, receive_limited, send_tracking)
+        except _TooLarge:
+            # Read (and drop) what the client is still sending, up to a bound, so that it gets to read the 413
+            # instead of a connection reset mid-upload.
+            drained = 0
+            while drained < 8 * self.max_bytes:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    break
+                drained += len(message.get("body", b""))
+            if not status["sent"]:
+                await _send_json(
+                    send_tracking, 413, {"error": f"request body over the limit of {self.max_bytes:,} bytes"}
+                )
+        finally:
+            self.metrics.observe_request(endpoint, status["code"], time.perf_counter() - start)
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+# ---------------------------------------------------------------------------------------------------- the app
+
+
+def _torch_model(predictor: Predictor, config: ServeConfig) -> nn.Module | None:
+    """The eager model Grad-CAM needs (the predictor's own one, or the checkpoint's under onnxruntime)."""
+    if isinstance(predictor.model, nn.Module):
+        return predictor.model
+    from resnetkit.checkpoint import model_from_checkpoint
+
+    return model_from_checkpoint(config.checkpoint)[0]
+
+
+def load_predictor(config: ServeConfig) -> Predictor:
+    """The checkpoint's Predictor, running on the eager model or on an onnxruntime session of it."""
+    predictor = Predictor.from_checkpoint(config.checkpoint)
+    if config.backend == "onnxruntime":
+        from resnetkit.deploy.engine import OnnxRuntimeModel
+
+        predictor.model = OnnxRuntimeModel.from_model(predictor.model, predictor.input_size)
+    return predictor
+
+
+def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Module | None = None):
+    """The FastAPI app (wrapped in the size-limit and metrics layer) serving `predictor`."""
+    from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+    from fastapi.staticfiles import StaticFiles
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from resnetkit import __version__
+
+    metrics = Metrics()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    explain_model = explain_model if explain_model is not None else _torch_model(predictor, config)
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state["batcher"] = MicroBatcher(
+            predictor.probabilities, config.max_batch, config.max_wait_ms, executor, metrics
+        )
+        state["batcher"].start()
+        yield
+        await state["batcher"].stop()
+        executor.shutdown(wait=False)
+
+    app = FastAPI(
+        title="resnetkit",
+        version=__version__,
+        lifespan=lifespan,
+        description=f"Image classification with {predictor.name} ({len(predictor.classes)} classes).",
+    )
+    web = resources.files("resnetkit.deploy").joinpath("web")
+    app.mount("/static", StaticFiles(directory=str(web)), name="static")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
+            problems.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse({"error": "; ".join(problems) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):  # a bug: still one JSON line, never a traceback
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    async def read_images(files: list[UploadFile]):
+        if len(files) > config.max_images:
+            raise HTTPException(413, f"{len(files)} images in one request, over the limit of {config.max_images}")
+        images = []
+        for i, upload in enumerate(files):
+            name = upload.filename or f"files[{i}]"
+            data = await upload.read()
+            try:
+                images.append(await run_in_threadpool(open_image, data, name, config.max_pixels))
+            except ImageTooLarge as e:
+                raise HTTPException(413, str(e)) from None
+            except ImageError as e:
+                raise HTTPException(415, str(e)) from None
+        return images
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(str(web.joinpath("index.html")), media_type="text/html")
+
+    @app.get("/health", summary="liveness: 200 while the server can answer")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/model", summary="the model served: name, classes, input size, preprocessing, version")
+    async def model_info():
+        return {
+            "name": predictor.name,
+            "classes": predictor.classes,
+            "num_classes": len(predictor.classes),
+            "input_size": predictor.input_size,
+            "preprocess": predictor.preprocess,
+            "backend": config.backend,
+            "version": __version__,
+            "max_batch": config.max_batch,
+            "max_wait_ms": config.max_wait_ms,
+        }
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/predict", summary="classify one or several images (multipart field `files`)")
+    async def predict(
+        files: list[UploadFile] = File(..., description="one or more image files"),
+        top_k: int = Query(5, ge=1, le=config.max_top_k),
+    ):
+        start = time.perf_counter()
+        images = await read_images(files)
+        batch = await run_in_threadpool(predictor.to_tensor, images)
+        probs = await asyncio.gather(*(state["batcher"].submit(x) for x in batch))
+        ranked = predictor.top_indices(torch.stack(probs), top_k)
+        return {
+            "model": predictor.name,
+            "latency_ms": round(1000 * (time.perf_counter() - start), 2),
+            "predictions": [
+                {"file": f.filename, "top_k": [{"class": predictor.classes[i], "index": i, "prob": p} for i, p in top]}
+                for f, top in zip(files, ranked)
+            ],
+        }
+
+    @app.post("/v1/explain", summary="Grad-CAM overlay of the top class (multipart field `file`), base64 PNG")
+    async def explain(file: UploadFile = File(..., description="one image file")):
+        (image,) = await read_images([file])
+        result = await asyncio.get_running_loop().run_in_executor(executor, _explain, explain_model, predictor, image)
+        return result
+
+    return LimitsAndMetrics(app, config.max_request_bytes, metrics)
+
+
+def _explain(model: nn.Module, predictor: Predictor, image) -> dict[str, Any]:
+    """Grad-CAM of the top class, drawn over the part of the photo the model sees (its centre crop)."""
+    from resnetkit.explain import gradcam, overlay
+
+    x = predictor.to_tensor([image])
+    with torch.no_grad():
+        probs = model(x).float().softmax(1)[0]
+    index = int(probs.argmax())
+    heat = gradcam(model, x, class_idx=index)[0]
+    view = _model_view(image, predictor.preprocess)
+    png = io.BytesIO()
+    overlay(view, heat).save(png, format="PNG")
+    return {
+        "class": predictor.classes[index],
+        "index": index,
+        "prob": float(probs[index]),
+        "overlay_png_base64": base64.b64encode(png.getvalue()).decode(),
+    }
+
+
+def _model_view(image, preprocess: dict[str, Any], max_side: int = 384):
+    """The centre square the evaluation transform crops (resize shorter side, centre crop), at display size."""
+    side = min(image.size) * preprocess["input_size"] / preprocess.get("resize", preprocess["input_size"])
+    side = min(side, min(image.size))
+    left, top = (image.width - side) / 2, (image.height - side) / 2
+    crop = image.crop((round(left), round(top), round(left + side), round(top + side)))
+    display = max(preprocess["input_size"], min(max_side, round(side)))
+    return crop.resize((display, display))
+
+
+def app_from_env():
+    """uvicorn factory for `--workers N`: each worker process builds its app from the JSON config in the env."""
+    config = ServeConfig(**json.loads(os.environ[CONFIG_ENV]))
+    return create_app(load_predictor(config), config)
+
+
+def serve(
+    config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, log_level: str = "info"
+) -> None:
+    """Run the server until interrupted. Each worker is a process with its own model copy and torch threads."""
+    import uvicorn
+
+    if not Path(config.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {config.checkpoint}")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    if workers == 1:
+        app = create_app(load_predictor(config), config)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        return
+    os.environ[CONFIG_ENV] = json.dumps(asdict(config))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    uvicorn.run(
+        "resnetkit.deploy.serve:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+    )
+
+
+__all__ = ["Metrics", "MicroBatcher", "ServeConfig", "create_app", "load_predictor", "serve"]
