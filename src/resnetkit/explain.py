@@ -1,0 +1,153 @@
+"""Grad-CAM (Selvaraju et al. 2017, "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+Localization") for every model in the zoo, and an overlay of the heatmap on the image.
+
+    >>> from resnetkit.explain import gradcam, overlay
+    >>> heat = gradcam(model, images)                      # (N, H, W) in [0, 1], last stage, predicted class
+    >>> heat = gradcam(model, images, class_idx=3, layer="layer3")
+    >>> overlay(pil_image, heat[0]).save("cam.png")
+
+    resnetkit explain --checkpoint runs/demo/best.pt photo.jpg --top-k 3 --out explain/
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+
+def _resolve_layer(model: nn.Module, layer: str) -> nn.Module:
+    try:
+        return model.get_submodule(layer)
+    except AttributeError:
+        names = [name for name, _ in model.named_modules() if name]
+        stages = [info["name"] for info in getattr(model, "feature_info", [])]
+        close = difflib.get_close_matches(layer, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"layer {layer!r} not found in {type(model).__name__}{hint} (stages: {stages})") from None
+
+
+def _class_indices(class_idx: int | Sequence[int] | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    n, num_classes = logits.shape
+    if class_idx is None:
+        return logits.argmax(1)
+    idx = torch.as_tensor(class_idx, dtype=torch.long, device=logits.device).flatten()
+    if idx.numel() == 1:
+        idx = idx.expand(n)
+    if idx.numel() != n:
+        raise ValueError(f"class_idx has {idx.numel()} entries for {n} images")
+    if (idx < 0).any() or (idx >= num_classes).any():
+        raise ValueError(f"class_idx {idx.tolist()} out of range for a model with {num_classes} classes")
+    return idx
+
+
+def _forward_with_activation(model: nn.Module, x: torch.Tensor, layer: str | None):
+    """Logits and the activation Grad-CAM looks at: the last stage's feature map, or the named layer's output."""
+    if layer is None:
+        features = model.forward_features(x)
+        return model.forward_head(features), features
+
+    captured: list[torch.Tensor] = []
+
+    def hook(module, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(f"layer {layer!r} returns {type(output).__name__}, not a feature map")
+        captured[:] = [output]  # a module called twice (a block's shared ReLU) keeps its last call
+        # Hand a copy downstream, so in-place ops after the layer (ReLU(inplace=True)) leave the captured map intact.
+        return output.clone()
+
+    handle = _resolve_layer(model, layer).register_forward_hook(hook)
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"layer {layer!r} is not used in the forward pass")
+    if captured[0].dim() != 4:
+        raise ValueError(f"layer {layer!r} outputs shape {tuple(captured[0].shape)}, not a (N, C, H, W) feature map")
+    return logits, captured[0]
+
+
+def gradcam(
+    model: nn.Module,
+    images: torch.Tensor,
+    class_idx: int | Sequence[int] | torch.Tensor | None = None,
+    layer: str | None = None,
+) -> torch.Tensor:
+    """Grad-CAM heatmaps, one per image, at the input resolution: (N, H, W), each scaled so its maximum is 1.
+
+    images: normalised model inputs (N, 3, H, W) (a single (3, H, W) image is accepted too).
+    class_idx: the class to explain, per image or for all; None explains each image's predicted class.
+    layer: a module name (`model.get_submodule`), e.g. "layer3" or "features.denseblock3"; None uses the last
+        stage (`model.forward_features`). A module called more than once per forward keeps its last call.
+    The model is run in eval mode (restored afterwards) with gradients on, whatever the caller's grad mode.
+    """
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    was_training = model.training
+    model.eval()
+    # The input requires grad so that the graph exists even for a model whose parameters are frozen.
+    x = images.detach().clone().float().requires_grad_(True)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            logits, activation = _forward_with_activation(model, x, layer)
+            target = _class_indices(class_idx, logits.detach())
+            score = logits.gather(1, target[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, activation)
+    finally:
+        model.train(was_training)
+    with torch.no_grad():
+        weights = grads.mean(dim=(2, 3), keepdim=True)  # global-average-pooled gradients: one weight per channel
+        cam = F.relu((weights * activation).sum(1, keepdim=True))
+        cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+        return (cam / peak).clamp(0, 1).detach()
+
+
+def _to_rgb_array(image: Image.Image | torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = array.transpose(1, 2, 0)  # CHW -> HWC
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"image must be a PIL image, (3, H, W) or (H, W, 3) array, got shape {array.shape}")
+    array = array.astype(np.float32)
+    if array.max() > 1.0:
+        array = array / 255.0
+    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+
+
+def overlay(
+    image: Image.Image | torch.Tensor | np.ndarray,
+    heatmap: torch.Tensor | np.ndarray,
+    alpha: float = 0.5,
+    colormap: str = "jet",
+) -> Image.Image:
+    """The image with the heatmap blended on top in `colormap`, at the image's size (the heatmap is resized).
+
+    image: PIL image, or an un-normalised (3, H, W) / (H, W, 3) array in [0, 1] or [0, 255].
+    heatmap: (H, W) in [0, 1], e.g. one entry of `gradcam(...)`.
+    """
+    import matplotlib
+
+    rgb = _to_rgb_array(image)
+    heat = torch.as_tensor(np.asarray(heatmap.detach().cpu() if isinstance(heatmap, torch.Tensor) else heatmap))
+    if heat.dim() != 2:
+        raise ValueError(f"heatmap must be (H, W), got shape {tuple(heat.shape)}")
+    h, w = rgb.shape[:2]
+    if tuple(heat.shape) != (h, w):
+        heat = F.interpolate(heat[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    heat = heat.clamp(0, 1).numpy()
+    colored = matplotlib.colormaps[colormap](heat)[..., :3].astype(np.float32)
+    blended = (1 - alpha) * rgb + alpha * colored
+    return Image.fromarray((blended.clip(0, 1) * 255).round().astype(np.uint8))
