@@ -12,6 +12,7 @@ import sys
 
 COMMAND_MODULES = [
     "resnetkit.models.cli",  # models, summary
+    "resnetkit.train.cli",  # train
     "resnetkit.deploy.serve_cli",  # predict, serve
 ]
 

@@ -1,0 +1,357 @@
+"""Typed training configs: dataclasses with a docstring per field, validated once, loaded from YAML.
+
+    cfg = load_config("configs/demo.yaml", ["optim.lr=0.05", "train.epochs=3"])
+
+Unknown keys and values of the wrong type raise ConfigError naming the file and the dotted key, with the closest
+valid keys; `--set a.b=v` overrides are parsed as YAML scalars and checked the same way. `Config.to_dict()` is the
+resolved config written to the run folder and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
+SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "onecycle", "plateau")
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    """A registered model name (see `resnetkit models`)."""
+    num_classes: int | None = None
+    """Classifier size; None takes the dataset's number of classes."""
+    weights: str | None = None
+    """None (random init), "imagenet", "imagenet-v2", or a weights/checkpoint file; a head of another size is new."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Further create_model options, e.g. {stem: cifar, zero_init_residual: true, drop_rate: 0.2}."""
+    freeze: str = "none"
+    """What does not train: "none" (full fine-tuning), "head" (only the classifier trains, BN statistics frozen),
+    or "stages:N" (the stem and stages 1..N frozen, their BN statistics too)."""
+    backbone_lr_scale: float = 1.0
+    """The backbone's learning rate is the head's times this (e.g. 0.1 when fine-tuning)."""
+
+    def __post_init__(self) -> None:
+        if self.freeze not in ("none", "head") and not _is_stages(self.freeze):
+            raise ConfigError(f"model.freeze: expected 'none', 'head' or 'stages:N', got {self.freeze!r}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"model.num_classes: must be >= 1, got {self.num_classes}")
+        if self.backbone_lr_scale < 0:
+            raise ConfigError(f"model.backbone_lr_scale: must be >= 0, got {self.backbone_lr_scale}")
+
+
+def _is_stages(value: str) -> bool:
+    kind, _, n = value.partition(":")
+    return kind == "stages" and n.isdigit()
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"
+    """A dataset name (shapes, cifar10, cifar100, cub200) or a path (ImageFolder root, CUB root, CIFAR folder)."""
+    root: str | None = None
+    """Where a named dataset lives (e.g. ../shared/data/cifar10-jpg)."""
+    preset: str = "cifar"
+    """Transform preset of resnetkit.data (e.g. cifar, imagenet, cub448)."""
+    train_split: str = "train"
+    val_split: str = "val"
+    """The split evaluated after each epoch (CIFAR folders call it "test")."""
+    batch_size: int = 128
+    """Global batch: divided between DDP processes."""
+    eval_batch_size: int | None = None
+    """Global evaluation batch; None means 2 x batch_size."""
+    workers: int = 2
+    fast: bool | None = None
+    """True: the cached uint8 tensor pipeline; False: a DataLoader; None: picked by image size."""
+    cache_dir: str | None = None
+    augment: list[str] = field(default_factory=list)
+    """Extra training augmentations of resnetkit.data, by name."""
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "workers"):
+            if getattr(self, key) < (1 if key == "batch_size" else 0):
+                raise ConfigError(f"data.{key}: must be positive, got {getattr(self, key)}")
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ConfigError("data.mixup_alpha and data.cutmix_alpha must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """sgd, adam, adamw, rmsprop, adagrad or adadelta."""
+    lr: float = 0.1
+    """Peak learning rate of the head (and of the backbone times model.backbone_lr_scale)."""
+    momentum: float = 0.9
+    """SGD and RMSprop momentum."""
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    decay_bn_and_bias: bool = False
+    """Apply weight decay to BN weights and biases too (off by default: decaying them only hurts)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, OPTIMIZERS)
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas: expected two numbers, got {self.betas}")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"
+    """constant, step, multistep, exponential, cosine, onecycle or plateau."""
+    per: str = "epoch"
+    """Unit of every length below and of the scheduler's ticks: "epoch" or "step" (one optimizer step)."""
+    step_size: float = 30
+    """step: multiply by gamma every step_size units."""
+    milestones: list[float] = field(default_factory=list)
+    """multistep: multiply by gamma at each of these (in units of `per`)."""
+    gamma: float = 0.1
+    """Factor for step, multistep, exponential (per unit) and plateau."""
+    min_lr: float = 0.0
+    """cosine: the final learning rate."""
+    warmup: float = 0
+    """Linear warmup length in units of `per`, from lr x warmup_start_factor to lr."""
+    warmup_start_factor: float = 0.1
+    pct_start: float = 0.25
+    """onecycle: share of the run spent rising to the peak."""
+    div_factor: float = 25.0
+    """onecycle: starting lr = lr / div_factor."""
+    final_div_factor: float = 1e4
+    """onecycle: final lr = starting lr / final_div_factor."""
+    patience: int = 10
+    """plateau: epochs without improvement of train.metric before multiplying by gamma."""
+
+    def __post_init__(self) -> None:
+        _check_choice("schedule.name", self.name, SCHEDULES)
+        _check_choice("schedule.per", self.per, ("epoch", "step"))
+        if self.warmup < 0:
+            raise ConfigError(f"schedule.warmup: must be >= 0, got {self.warmup}")
+        if not 0 < self.pct_start < 1:
+            raise ConfigError(f"schedule.pct_start: must be in (0, 1), got {self.pct_start}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (He et al. count iterations); None runs all epochs."""
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    """Clip the gradients' global L2 norm to this."""
+    accum_steps: int = 1
+    """Gradient accumulation: batches per optimizer step."""
+    ema: bool = False
+    """Keep an exponential moving average of the weights, evaluated and checkpointed alongside."""
+    ema_decay: float = 0.999
+    amp: str = "none"
+    """Mixed precision: none, bf16 or fp16 (fp16 uses a GradScaler)."""
+    channels_last: bool = False
+    compile: bool = False
+    """torch.compile the model."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda, or cuda:N."""
+    deterministic: bool = False
+    """Deterministic algorithms (exact resume on the CPU), slower on GPUs."""
+    sync_bn: bool = False
+    """SyncBatchNorm under DDP."""
+    metric: str = "val_acc"
+    """Validation metric that chooses best.pt (loss metrics are minimised, others maximised)."""
+    eval_every: int = 1
+    """Evaluate every N epochs (and after the last)."""
+    eval_flip: bool = False
+    """Test-time augmentation: average the logits of each image and its horizontal flip."""
+    checkpoint_every: int = 0
+    """Also save last.pt every N optimizer steps within an epoch (0: at epoch ends only)."""
+    log_every_s: float = 10.0
+    """Plain progress lines (off a terminal) every this many seconds."""
+    log_images: bool = True
+    """Write a grid of augmented training images to TensorBoard."""
+
+    def __post_init__(self) -> None:
+        _check_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
+        for key in ("epochs", "accum_steps", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay: must be in (0, 1), got {self.ema_decay}")
+        if not (self.metric.startswith("val_") or self.metric.startswith("train_")):
+            raise ConfigError(f"train.metric: expected a val_... or train_... metric name, got {self.metric!r}")
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    """The run folder's name: outputs go to <output_dir>/<name>/."""
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: unknown value {value!r}{_closest(value, choices)}; choose from {', '.join(choices)}")
+
+
+def _closest(word: str, choices, n: int = 3) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """`value` checked against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        names = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = _closest(prefix + str(key), [prefix + f for f in fields])
+            raise ConfigError(
+                f"unknown key {prefix + str(key)!r}{close}; "
+                f"valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(fields))}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a plain dict (as read from YAML) into a Config; errors name `source` and the key."""
+    try:
+        return _build(Config, data or {}, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides to a raw config dict; values are YAML scalars (3, 0.1, true, [1, 2], null)."""
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.05")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: cannot parse the value: {e}") from None
+        _set(data, key.strip(), value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe (or start from the defaults when `path` is None), apply overrides, validate once.
+
+    A recipe without `name` is named after its file (configs/demo.yaml runs in runs/demo/).
+    """
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data.setdefault("name", path.stem)
+        source = str(path)
+    try:
+        apply_overrides(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return config_from_dict(data, source)
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path

@@ -1,0 +1,460 @@
+"""`train(config)`: the orchestrator. Builds the loaders, model, optimiser and schedule, runs the epochs, evaluates,
+logs, checkpoints, and resumes exactly where a run stopped.
+
+    resnetkit train --config configs/demo.yaml --set train.epochs=3
+    torchrun --nproc_per_node 2 -m resnetkit train --config configs/demo.yaml
+
+Run folder <output_dir>/<name>/: config.yaml (resolved), last.pt, best.pt, metrics.jsonl, curves.png, tb/, train.log.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from resnetkit.checkpoint import load_checkpoint, save_checkpoint
+from resnetkit.config import Config, config_from_dict, load_config, save_config
+from resnetkit.train import distributed
+from resnetkit.train.loop import NonFiniteLoss, Parts, evaluate, train_one_epoch
+from resnetkit.train.monitor import Progress, RunLogger, format_fields
+from resnetkit.train.optim import LRSchedule, ModelEMA, apply_freeze, build_optimizer
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The last epoch's row of metrics.jsonl, plus best_<metric> and best_epoch."""
+    interrupted: bool = False
+
+
+def as_config(config: Config | str | Path | dict) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    return load_config(config)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG as plain data (so `weights_only=True` loads it)."""
+    version, keys, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": [version, list(keys), gauss],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": np_state["state"]["pos"],
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves at the next optimizer-step boundary and returns."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.raised:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _sum_across_ranks(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([float(flag)], device=device)
+    return bool(distributed.all_reduce_sum(t).item() > 0)
+
+
+def build_model(cfg: Config, num_classes: int, *, load_weights: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The model and the create_model options to rebuild it (saved in checkpoints as model_kwargs)."""
+    from resnetkit.models import create_model
+
+    kwargs = {**cfg.model.options, "num_classes": num_classes}
+    try:
+        model = create_model(cfg.model.name, weights=cfg.model.weights if load_weights else None, **kwargs)
+    except TypeError as e:  # unknown create_model option: name the config key
+        raise ValueError(f"model.options: {e}") from None
+    return model, kwargs
+
+
+def train(config: Config | str | Path | dict, *, resume: bool = False, quiet: bool = False) -> RunResult:
+    """Train as `config` says; with resume=True, continue from <run_dir>/last.pt exactly where it stopped."""
+    cfg = as_config(config)
+    info = distributed.setup(cfg.train.device)
+    owns_group = info.enabled
+    try:
+        return _Run(cfg, info, resume, quiet).run()
+    finally:
+        if owns_group:
+            distributed.cleanup()
+
+
+class _Run:
+    """One training run's state; `run()` is the epoch loop."""
+
+    def __init__(self, cfg: Config, info: distributed.DistInfo, resume: bool, quiet: bool) -> None:
+        self.cfg, self.info, self.resume, self.quiet = cfg, info, resume, quiet
+        self.run_dir = cfg.run_dir
+        self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
+
+    # ---- messages: stdout and train.log, rank 0 only
+    def say(self, msg: str) -> None:
+        if not self.info.is_main:
+            return
+        if not self.quiet:
+            print(msg, flush=True)
+        with (self.run_dir / "train.log").open("a") as f:
+            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+
+    def _check_run_dir(self) -> None:
+        if self.resume and not self.last_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {self.last_path}")
+        if not self.resume and self.last_path.is_file():
+            raise ValueError(
+                f"{self.run_dir} already holds a run (last.pt): pass --resume to continue it, or "
+                f"--set name=NEW for a new run"
+            )
+
+    def _build_loaders(self):
+        from resnetkit.data import build_loader
+
+        cfg, info = self.cfg, self.info
+        d = cfg.data
+        if d.batch_size % info.world_size:
+            raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the {info.world_size} processes")
+        eval_batch = d.eval_batch_size or 2 * d.batch_size
+        common = dict(
+            preset=d.preset,
+            device=info.device,
+            seed=cfg.seed,
+            workers=d.workers,
+            rank=info.rank,
+            world_size=info.world_size,
+            fast=d.fast,
+            cache_dir=d.cache_dir,
+            root=d.root,
+        )
+        train_loader = build_loader(
+            d.name,
+            d.train_split,
+            batch_size=d.batch_size // info.world_size,
+            train=True,
+            augment=tuple(d.augment),
+            **common,
+        )
+        val_loader = build_loader(
+            d.name, d.val_split, batch_size=max(eval_batch // info.world_size, 1), train=False, **common
+        )
+        return train_loader, val_loader
+
+    def run(self) -> RunResult:
+        cfg, info = self.cfg, self.info
+        t = cfg.train
+        self._check_run_dir()
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        distributed.barrier()
+        seed_everything(cfg.seed, t.deterministic)
+        ckpt = load_checkpoint(self.last_path) if self.resume else None
+
+        train_loader, val_loader = self._build_loaders()
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.classes = list(train_loader.classes)
+        num_classes = cfg.model.num_classes or len(self.classes)
+        model, self.model_kwargs = build_model(cfg, num_classes, load_weights=ckpt is None)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+        if t.sync_bn and info.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        frozen_norms = apply_freeze(model, cfg.model.freeze)
+        model.to(info.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
+        self.bare_model = model
+        ema = ModelEMA(model, t.ema_decay) if t.ema else None
+        optimizer = build_optimizer(model, cfg.optim, cfg.model)
+        steps_per_epoch = max(len(train_loader) // t.accum_steps + (len(train_loader) % t.accum_steps > 0), 1)
+        total_steps = (
+            steps_per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.epochs)
+        )
+        ticks = total_steps if cfg.schedule.per == "step" else t.epochs
+        schedule = LRSchedule(optimizer, cfg.schedule, cfg.optim.lr, ticks, maximize=not t.metric.endswith("loss"))
+        scaler = torch.amp.GradScaler(info.device.type, enabled=t.amp == "fp16")
+        wrapped: nn.Module = model
+        if info.enabled:
+            wrapped = nn.parallel.DistributedDataParallel(
+                model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+            )
+        if t.compile:
+            wrapped = torch.compile(wrapped)
+        mix = None
+        if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:
+            from resnetkit.data import mixup_cutmix as mix
+        parts = Parts(wrapped, optimizer, scaler, schedule, ema, cfg, num_classes, info.device, frozen_norms, mix=mix)
+
+        start_epoch, start_step, totals, self.best = 0, 0, None, None
+        self.best_epoch = None
+        if ckpt is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            schedule.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            if ema is not None and ckpt.get("model_ema") is not None:
+                ema.load_state_dict(ckpt["model_ema"], ckpt.get("ema_updates", 0))
+            start_epoch, start_step, totals = ckpt["epoch"], ckpt["step"], ckpt.get("totals")
+            parts.global_step = ckpt["global_step"]
+            self.best, self.best_epoch = ckpt.get("best"), ckpt.get("best_epoch")
+            rngs = ckpt["rng"]
+            set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+            self.say(f"resumed {self.last_path} at epoch {start_epoch + 1}, step {start_step}")
+
+        logger = RunLogger(self.run_dir, enabled=info.is_main)
+        self.parts, self.logger = parts, logger
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.say(
+            f"training {cfg.model.name} ({n_params:,} parameters, {n_train:,} trainable) on {cfg.data.name}: "
+            f"{train_loader.num_samples} train / {val_loader.num_samples} val images, {len(self.classes)} classes, "
+            f"{info.world_size} process(es) on {info.device}, run folder {self.run_dir}"
+        )
+        row: dict[str, Any] = {}
+        interrupted = False
+        try:
+            with _StopFlag() as stop:
+                for epoch in range(start_epoch, t.epochs):
+                    if t.max_steps is not None and parts.global_step >= t.max_steps:
+                        break
+                    train_loader.set_epoch(epoch)
+                    if epoch == start_epoch and ckpt is not None and start_step > 0:
+                        train_loader.load_state_dict(ckpt["loader"])
+                    row, interrupted = self._epoch(
+                        epoch, start_step if epoch == start_epoch else 0, totals if epoch == start_epoch else None, stop
+                    )
+                    if interrupted:
+                        break
+        except NonFiniteLoss as e:
+            self.say(
+                f"stopped: {e}. The last good checkpoint is {self.last_path if self.last_path.exists() else 'none'}"
+                "; lower optim.lr, set train.grad_clip, or check the data"
+            )
+            logger.close()
+            raise
+        logger.log_hparams(cfg.to_dict(), {k: v for k, v in row.items() if k.startswith("val_")})
+        logger.close()
+        metrics = {**row, f"best_{t.metric}": self.best, "best_epoch": self.best_epoch}
+        if not interrupted:
+            self.say(
+                f"done: best {t.metric} {self.best} at epoch {self.best_epoch}; outputs in {self.run_dir}/ "
+                f"(best.pt, last.pt, metrics.jsonl, curves.png, tb/, train.log)"
+            )
+        return RunResult(
+            self.run_dir,
+            self.best_path if self.best_path.exists() else None,
+            self.last_path if self.last_path.exists() else None,
+            metrics,
+            interrupted,
+        )
+
+    def _epoch(self, epoch: int, start_step: int, totals, stop: _StopFlag) -> tuple[dict[str, Any], bool]:
+        cfg, p, t = self.cfg, self.parts, self.cfg.train
+        loader = self.train_loader
+        n_batches = len(loader)
+        lr_trace: list[tuple[float, float]] = []
+        trace_every = max(n_batches // 50, 1)
+        state = {"interrupted": False, "images": 0, "done": start_step}
+        t0 = time.perf_counter()
+
+        with Progress(
+            n_batches - start_step,
+            desc=f"epoch {epoch + 1}/{t.epochs}",
+            enabled=self.info.is_main and not self.quiet,
+            every_s=t.log_every_s,
+        ) as bar:
+
+            def after_step(done: int, running: dict[str, float], synced: bool) -> bool:
+                n_images = running["count"] - state["images"]
+                state["images"], state["done"] = running["count"], done
+                lr = p.optimizer.param_groups[-1]["lr"]
+                bar.update(
+                    images=int(n_images),
+                    loss=running["loss"] / running["count"],
+                    acc=running["correct"] / running["count"],
+                    lr=lr,
+                )
+                if done % trace_every == 0:
+                    lr_trace.append((epoch + done / n_batches, lr))
+                if not synced:
+                    return False
+                if p.global_step % 50 == 0:
+                    self.logger.log_scalars(
+                        p.global_step,
+                        {
+                            "train/loss": running["loss"] / running["count"],
+                            "train/lr": lr,
+                            "train/images_per_s": bar.rate(),
+                        },
+                    )
+                if _sum_across_ranks(stop.raised, self.info.device) if self.info.enabled else stop.raised:
+                    state["interrupted"] = True
+                    return True
+                if t.checkpoint_every and p.global_step % t.checkpoint_every == 0 and done < n_batches:
+                    self._save(epoch, done, running, {}, best=False)
+                return t.max_steps is not None and p.global_step >= t.max_steps
+
+            peek = self._log_image_grid if t.log_images and epoch == 0 and start_step == 0 else None
+            running = train_one_epoch(
+                p, loader, epoch, start_step=start_step, totals=totals, after_step=after_step, peek=peek
+            )
+        elapsed = time.perf_counter() - t0
+        if state["interrupted"]:
+            done = state["done"]
+            self._save(epoch, done, running, {}, best=False)
+            self.say(f"interrupted at epoch {epoch + 1}, step {done}: saved {self.last_path}; continue with --resume")
+            return {}, True
+
+        if cfg.schedule.per == "epoch":
+            p.schedule.tick()
+        count = max(running["count"], 1)
+        row: dict[str, Any] = {
+            "train_loss": running["loss"] / count,
+            "train_acc": running["correct"] / count,
+            "lr": p.optimizer.param_groups[-1]["lr"],
+            "images_per_s": count / elapsed,
+            "epoch_time_s": elapsed,
+            "step": p.global_step,
+        }
+        last_epoch = epoch + 1 == t.epochs or (t.max_steps is not None and p.global_step >= t.max_steps)
+        if (epoch + 1) % t.eval_every == 0 or last_epoch:
+            evaluated = self._evaluate()
+            row.update(evaluated)
+        p.schedule.epoch_end(row.get(t.metric))
+        self.logger.log_epoch(epoch + 1, {**row, "lr_trace": lr_trace + [(epoch + 1.0, row["lr"])]})
+        improved = t.metric in row and (
+            self.best is None or (row[t.metric] < self.best if t.metric.endswith("loss") else row[t.metric] > self.best)
+        )
+        if improved:
+            self.best, self.best_epoch = row[t.metric], epoch + 1
+        self.say(f"epoch {epoch + 1}/{t.epochs} " + format_fields({k: v for k, v in row.items() if k != "step"}))
+        self._save(epoch + 1, 0, None, row, best=improved)
+        return row, False
+
+    def _evaluate(self) -> dict[str, float]:
+        t, p = self.cfg.train, self.parts
+        kw = dict(device=self.info.device, amp=t.amp, channels_last=t.channels_last, flip=t.eval_flip)
+        out = {f"val_{k}": v for k, v in evaluate(p.model, self.val_loader, **kw).items() if k != "count"}
+        if p.ema is not None:
+            ema = evaluate(p.ema.module, self.val_loader, **kw)
+            out.update({"val_ema_loss": ema["loss"], "val_ema_acc": ema["acc"]})
+        return out
+
+    def _log_image_grid(self, images: torch.Tensor) -> None:
+        pre = self.train_loader.preprocess
+        self.logger.log_images("train/augmented_batch", images, 0, pre.get("mean"), pre.get("std"))
+
+    def _save(self, epoch: int, step: int, totals, metrics: dict[str, Any], best: bool) -> None:
+        """Write last.pt (and best.pt) from rank 0; every rank takes part, since each one's RNG state is kept."""
+        from resnetkit import __version__
+
+        p = self.parts
+        rngs = [rng_state()]
+        if self.info.enabled:
+            rngs = [None] * self.info.world_size
+            dist.all_gather_object(rngs, rng_state())
+        if not self.info.is_main:
+            return
+        state = {
+            "model": self.bare_model.state_dict(),
+            "model_name": self.cfg.model.name,
+            "model_kwargs": self.model_kwargs,
+            "classes": self.classes,
+            "preprocess": dict(self.train_loader.preprocess),
+            "config": self.cfg.to_dict(),
+            "epoch": epoch,
+            "step": step,
+            "global_step": p.global_step,
+            "totals": totals,
+            "optimizer": p.optimizer.state_dict(),
+            "scheduler": p.schedule.state_dict(),
+            "scaler": p.scaler.state_dict(),
+            "model_ema": p.ema.state_dict() if p.ema is not None else None,
+            "ema_updates": p.ema.updates if p.ema is not None else 0,
+            "rng": rngs,
+            "loader": self.train_loader.state_dict(),
+            "metrics": metrics,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "version": __version__,
+        }
+        save_checkpoint(self.last_path, state)
+        if best:
+            save_checkpoint(self.best_path, state)
+
+
+def main_entry(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience for `python -m`
+    from resnetkit.cli import main
+
+    return main(["train", *(argv if argv is not None else sys.argv[1:])])
