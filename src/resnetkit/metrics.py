@@ -1,0 +1,183 @@
+"""Classification metrics from counts and sums, so that they are exact under DDP: each rank accumulates its shard,
+`ClassificationMetrics.compute()` sums the counters across ranks (torch.distributed, when initialised) and derives
+every number from the totals.
+
+    >>> m = ClassificationMetrics(num_classes=10)
+    >>> m.update(logits, labels)          # once per batch
+    >>> result = m.compute()              # top1, top5, loss, precision/recall/F1, confusion matrix, ECE
+
+Conventions follow scikit-learn: a class never predicted has precision 0, a class never present has recall 0,
+F1 is 0 where precision + recall is 0, and the macro average is over all `num_classes` classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# 15 equal-width confidence bins: the common choice since Guo et al. 2017, "On Calibration of Modern Neural Networks".
+DEFAULT_BINS = 15
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def per_class_scores(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Precision, recall, F1 and support per class from a confusion matrix (rows true, columns predicted)."""
+    confusion = confusion.double()
+    true_positive = confusion.diagonal()
+    predicted = confusion.sum(0)
+    support = confusion.sum(1)
+    precision = torch.where(predicted > 0, true_positive / predicted.clamp_min(1), torch.zeros_like(predicted))
+    recall = torch.where(support > 0, true_positive / support.clamp_min(1), torch.zeros_like(support))
+    denominator = precision + recall
+    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp_min(1e-300), torch.zeros_like(support))
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+def calibration_bins(num_bins: int = DEFAULT_BINS) -> torch.Tensor:
+    """Bin edges 0, 1/B, ..., 1; bin b holds confidences in (edge b, edge b+1] (the first also holds 0)."""
+    return torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)
+
+
+def expected_calibration_error(count: torch.Tensor, confidence_sum: torch.Tensor, correct_sum: torch.Tensor) -> float:
+    """ECE = sum over bins of (samples in bin / all samples) * |accuracy in bin - mean confidence in bin|."""
+    total = count.sum()
+    if total == 0:
+        return 0.0
+    return float((confidence_sum - correct_sum).abs().sum() / total)
+
+
+class ClassificationMetrics:
+    """Accumulates, per batch of logits and integer targets: the confusion matrix, top-k hits, the summed
+    cross-entropy and per-bin calibration sums; keeps the `keep_worst` most confidently wrong samples (for a grid).
+    """
+
+    def __init__(self, num_classes: int, num_bins: int = DEFAULT_BINS, top_k: int = 5, keep_worst: int = 0) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.top_k = min(top_k, num_classes)
+        self.edges = calibration_bins(num_bins)
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.topk_correct = torch.zeros((), dtype=torch.int64)
+        self.loss_sum = torch.zeros((), dtype=torch.float64)
+        self.bin_count = torch.zeros(num_bins, dtype=torch.int64)
+        self.bin_confidence = torch.zeros(num_bins, dtype=torch.float64)
+        self.bin_correct = torch.zeros(num_bins, dtype=torch.float64)
+        self.keep_worst = keep_worst
+        # The most confidently misclassified samples: (confidence, true, predicted, image) on the CPU.
+        self.worst: list[tuple[float, int, int, torch.Tensor | None]] = []
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor | None = None) -> None:
+        """Add one batch. logits (N, C), or probabilities averaged over test-time augmentations passed as
+        log-probabilities; targets (N,) class indices; images (N, ...) are kept only for the worst samples."""
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits must be (N, {self.num_classes}), got shape {tuple(logits.shape)}")
+        logits = logits.detach().double().cpu()
+        targets = targets.detach().long().cpu()
+        if targets.numel() and (targets.min() < 0 or targets.max() >= self.num_classes):
+            raise ValueError(f"targets must lie in 0..{self.num_classes - 1}, got {targets.min()}..{targets.max()}")
+        log_probs = F.log_softmax(logits, 1)
+        probs = log_probs.exp()
+        confidence, predicted = probs.max(1)
+        correct = predicted == targets
+
+        self.confusion += torch.bincount(targets * self.num_classes + predicted, minlength=self.num_classes**2).view(
+            self.num_classes, self.num_classes
+        )
+        top = logits.topk(self.top_k, dim=1).indices
+        self.topk_correct += (top == targets[:, None]).any(1).sum()
+        self.loss_sum += F.nll_loss(log_probs, targets, reduction="sum")
+        # searchsorted on the inner edges, left side: bin b holds (edge b, edge b+1], as scikit-learn bins.
+        bins = torch.searchsorted(self.edges[1:-1], confidence, right=False)
+        self.bin_count += torch.bincount(bins, minlength=len(self.bin_count))
+        self.bin_confidence += torch.zeros_like(self.bin_confidence).index_add_(0, bins, confidence)
+        self.bin_correct += torch.zeros_like(self.bin_correct).index_add_(0, bins, correct.double())
+
+        if self.keep_worst:
+            wrong = (~correct).nonzero().flatten().tolist()
+            for i in wrong:
+                image = images[i].detach().cpu() if images is not None else None
+                self.worst.append((float(confidence[i]), int(targets[i]), int(predicted[i]), image))
+            self.worst = sorted(self.worst, key=lambda w: -w[0])[: self.keep_worst]
+
+    def _reduced(self) -> tuple[torch.Tensor, ...]:
+        counters = [
+            self.confusion,
+            self.topk_correct,
+            self.loss_sum,
+            self.bin_count,
+            self.bin_confidence,
+            self.bin_correct,
+        ]
+        if not _distributed():
+            return tuple(counters)
+        # Counts travel as int64 and sums as float64: the totals are the single-process totals, not an average.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        reduced = []
+        for tensor in counters:
+            t = tensor.clone().to(device) if device else tensor.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            reduced.append(t.cpu())
+        return tuple(reduced)
+
+    def gathered_worst(self) -> list[tuple[float, int, int, torch.Tensor | None]]:
+        """The most confidently wrong samples over all ranks (every rank gets the same list)."""
+        worst = self.worst
+        if _distributed():
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, worst)
+            worst = [w for part in parts for w in part]
+        return sorted(worst, key=lambda w: -w[0])[: self.keep_worst]
+
+    def compute(self, classes: list[str] | None = None) -> dict[str, Any]:
+        """Every metric, as plain Python numbers and lists (the `metrics` part of eval.json); `classes` names the
+        rows of the per-class table."""
+        confusion, topk_correct, loss_sum, bin_count, bin_confidence, bin_correct = self._reduced()
+        n = int(confusion.sum())
+        if n == 0:
+            raise ValueError("no samples were evaluated")
+        scores = per_class_scores(confusion)
+        support = scores["support"]
+        weights = support / support.sum()
+        result: dict[str, Any] = {
+            "num_samples": n,
+            "top1": float(confusion.diagonal().sum()) / n,
+            "top5": int(topk_correct) / n,  # with fewer than 5 classes: top-C, which is 1
+            "loss": float(loss_sum) / n,
+        }
+        for name in ("precision", "recall", "f1"):
+            result[f"{name}_macro"] = float(scores[name].mean())
+            result[f"{name}_weighted"] = float((scores[name] * weights).sum())
+        result["per_class"] = [
+            {
+                "class": classes[i] if classes else str(i),
+                "precision": float(p),
+                "recall": float(r),
+                "f1": float(f),
+                "support": int(s),
+            }
+            for i, (p, r, f, s) in enumerate(zip(scores["precision"], scores["recall"], scores["f1"], support))
+        ]
+        result["confusion_matrix"] = confusion.tolist()
+        result["ece"] = expected_calibration_error(bin_count, bin_confidence, bin_correct)
+        nonzero = bin_count.clamp_min(1).double()
+        result["calibration"] = [
+            {
+                "lower": float(lo),
+                "upper": float(hi),
+                "count": int(c),
+                "confidence": float(s / k) if c else None,
+                "accuracy": float(a / k) if c else None,
+            }
+            for lo, hi, c, s, a, k in zip(
+                self.edges[:-1], self.edges[1:], bin_count, bin_confidence, bin_correct, nonzero
+            )
+        ]
+        return result
