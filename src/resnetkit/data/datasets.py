@@ -1,0 +1,573 @@
+"""Datasets: shapes (built in), CIFAR-10/100 (official python layout), ImageFolder trees, CUB-200-2011.
+
+One entry point names them all, so a config or a CLI flag can say which data to use:
+
+    >>> from resnetkit.data import build_dataset
+    >>> ds = build_dataset("shapes", "train", image_size=32)          # also "cifar10", "cifar100", "cub200", or a path
+    >>> image, label = ds[0]; ds.classes[label]
+
+Every dataset has `.classes` and `.targets` and yields (PIL RGB image, label) unless given a transform. Bad image
+files are skipped, counted and reported once with their paths, or raise under `strict` (see `BadImageError`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import pickle
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger("resnetkit.data")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# Pillow's own hard limit (twice Image.MAX_IMAGE_PIXELS): a 13,000 x 13,000 image. Anything larger is refused as a
+# probable decompression bomb; pass max_pixels to change it.
+DEFAULT_MAX_PIXELS = 178_956_970
+BUILTIN = ("shapes", "cifar10", "cifar100", "cub200")
+SPLITS = ("train", "val", "test")
+SHAPES_SIZES = {"train": 10_000, "test": 2_000}
+
+
+class BadImageError(ValueError):
+    """A file that cannot be used as an image: corrupt, truncated, empty, not an image, or over the pixel limit."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"bad image {self.path}: {reason}")
+
+
+class SkippedSample:
+    """What a non-strict dataset returns in place of a bad file's sample; resnetkit's loaders drop it and report it.
+    With your own DataLoader, pass `collate_fn=resnetkit.data.loader.collate_skipping`."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+
+    def __repr__(self) -> str:
+        return f"SkippedSample({self.path!r}, {self.reason!r})"
+
+
+def report_skipped(skipped: Sequence[tuple[str, str]], total: int) -> None:
+    """Report skipped files once: one warning with the count and every path with its reason."""
+    if skipped:
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in skipped)
+        log.warning("skipped %d of %d image files that could not be read:\n%s", len(skipped), total, lines)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: greyscale, palette (transparency on white), RGBA/LA (composited on white),
+    CMYK, 16-bit and 32-bit integer greyscale (scaled, not clipped) and float."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        # 16-bit files open as I;16 or I with values up to 65535: scale to 8 bits instead of clipping at 255.
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr * 255.0 / top + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        return Image.fromarray(np.clip(arr * 255.0 / top + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image file as PIL RGB, or raise BadImageError saying why not."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImageError(path, "empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
+            with Image.open(path) as img:
+                if img.width * img.height > max_pixels:
+                    raise BadImageError(
+                        path,
+                        f"{img.width}x{img.height} = {img.width * img.height:,} pixels is over "
+                        f"the limit of {max_pixels:,} (a decompression bomb?); raise max_pixels "
+                        "if the image is genuine",
+                    )
+                img.load()
+                return to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise BadImageError(path, f"refused as a decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image file (unrecognised format)") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path} does not exist") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if isinstance(e, BadImageError):
+            raise
+        raise BadImageError(path, f"corrupt or truncated ({e})") from None
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """Shared by datasets of image files: samples [(path, label)], bad files skipped or raised."""
+
+    samples: list[tuple[str, int]]
+    classes: list[str]
+
+    def __init__(self, transform: Callable | None, strict: bool, max_pixels: int, image_size: int | None):
+        self.transform, self.strict, self.max_pixels, self.image_size = transform, strict, max_pixels, image_size
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Image.Image:
+        """The PIL RGB image of sample `index` (before the transform); raises BadImageError."""
+        img = open_image(self.samples[index][0], self.max_pixels)
+        if self.image_size:
+            from torchvision.transforms.v2 import functional as F
+
+            img = F.resize(img, self.image_size, antialias=True)
+        return img
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            img = self.load(index)
+        except BadImageError as e:
+            if self.strict:
+                raise
+            return SkippedSample(path, e.reason)
+        return (self.transform(img) if self.transform else img), label
+
+    def cache_key(self) -> str:
+        """A digest of the source files (paths, sizes, modification times): a change invalidates caches."""
+        h = hashlib.sha1(type(self).__name__.encode())
+        for path, label in self.samples:
+            st = os.stat(path)
+            h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(repr((self.classes, self.image_size)).encode())
+        return h.hexdigest()
+
+
+class ImageFolder(_FileDataset):
+    """A class-per-folder tree: root/<class>/<image>. Zero-byte files are skipped (or raise under strict) when the
+    folder is scanned; other bad files when they are read. `classes` fixes the label order (e.g. the train split's)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable | None = None,
+        *,
+        classes: Sequence[str] | None = None,
+        strict: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        image_size: int | None = None,
+    ):
+        super().__init__(transform, strict, max_pixels, image_size)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        found = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        if not found:
+            raise ValueError(f"image folder {self.root} has no class folders (expected {self.root}/<class>/<image>)")
+        if classes is None:
+            classes = found
+        else:
+            extra = sorted(set(found) - set(classes))
+            if extra:
+                raise ValueError(f"{self.root} has class folders not in the training split: {', '.join(extra)}")
+        self.classes = list(classes)
+        self.samples, self.skipped = [], []
+        for label, name in enumerate(self.classes):
+            folder = self.root / name
+            if not folder.is_dir():
+                continue  # an evaluation split may lack a class
+            files = []
+            for entry in os.scandir(folder):
+                if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    if entry.stat().st_size == 0:
+                        if strict:
+                            raise BadImageError(entry.path, "empty file (0 bytes)")
+                        self.skipped.append((entry.path, "empty file (0 bytes)"))
+                    else:
+                        files.append(entry.path)
+            if not files:
+                raise ValueError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            self.samples += [(path, label) for path in sorted(files)]
+        report_skipped(self.skipped, len(self.samples) + len(self.skipped))
+
+
+class CIFAR(torch.utils.data.Dataset):
+    """CIFAR-10 or CIFAR-100 in the official python layout (pickled batches), held in memory as uint8 (N, 32, 32, 3).
+
+    `root` is the folder holding `cifar-10-batches-py/` (or `cifar-100-python/`), or that folder itself. With
+    `download=True` the official archive is fetched and its published MD5 checked.
+    """
+
+    SPECS = {
+        "cifar10": dict(
+            folder="cifar-10-batches-py",
+            url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            md5="c58f30108f718f92721af3b95e74349a",
+            train=[f"data_batch_{i}" for i in range(1, 6)],
+            test=["test_batch"],
+            meta="batches.meta",
+            names=b"label_names",
+            labels=b"labels",
+        ),
+        "cifar100": dict(
+            folder="cifar-100-python",
+            url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+            md5="eb9058c3a382ffc7106e4002c42a8d85",
+            train=["train"],
+            test=["test"],
+            meta="meta",
+            names=b"fine_label_names",
+            labels=b"fine_labels",
+        ),
+    }
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        name: str = "cifar10",
+        split: str = "train",
+        transform: Callable | None = None,
+        download: bool = False,
+        image_size: int | None = None,
+    ):
+        spec = self.SPECS[name]
+        self.name, self.transform, self.image_size = name, transform, image_size
+        root = Path(root).expanduser()
+        folder = root if root.name == spec["folder"] else root / spec["folder"]
+        needed = [folder / f for f in (*spec["train"], *spec["test"], spec["meta"])]
+        missing = [p for p in needed if not p.exists()]
+        if missing and download:
+            self._download(spec, folder.parent)
+            missing = [p for p in needed if not p.exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{name} not found: {missing[0]} does not exist. Put the official python-version files there "
+                f"(extract {spec['url']} into {folder.parent}) or pass download=True (--download)"
+            )
+        self.files = [folder / f for f in spec["train" if split == "train" else "test"]]
+        meta = self._unpickle(folder / spec["meta"])
+        self.classes = [n.decode() if isinstance(n, bytes) else n for n in meta[spec["names"]]]
+        data, targets = [], []
+        for path in self.files:
+            batch = self._unpickle(path)
+            try:
+                data.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                targets += [int(t) for t in batch[spec["labels"]]]
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{path} is not a CIFAR batch in the official format ({e})") from None
+        self.data = np.concatenate(data).transpose(0, 2, 3, 1)  # N, H, W, C
+        self.targets = targets
+        if len(self.data) != len(self.targets):
+            raise ValueError(f"{folder}: {len(self.data)} images but {len(self.targets)} labels")
+
+    @staticmethod
+    def _unpickle(path: Path) -> dict:
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f, encoding="bytes")
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+            raise ValueError(f"{path} is not a readable CIFAR pickle ({e})") from None
+
+    @staticmethod
+    def _download(spec: dict, root: Path) -> None:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:
+            download_and_extract_archive(spec["url"], str(root), md5=spec["md5"])
+        except (OSError, RuntimeError) as e:  # no network, or a bad MD5
+            raise FileNotFoundError(
+                f"could not download {spec['url']} ({e}); download it by hand and extract it into {root}"
+            ) from None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load(self, index: int) -> Image.Image:
+        img = Image.fromarray(self.data[index])
+        if self.image_size and self.image_size != 32:
+            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
+        return img
+
+    def __getitem__(self, index: int):
+        img = self.load(index)
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+    def cache_key(self) -> str:
+        h = hashlib.sha1(self.name.encode())
+        for path in self.files:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(repr(self.image_size).encode())
+        return h.hexdigest()
+
+    def uint8_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images as uint8 (N, 3, H, W) and labels: no decoding needed."""
+        images = torch.from_numpy(self.data).permute(0, 3, 1, 2).contiguous()
+        if self.image_size and self.image_size != 32:
+            images = (
+                torch.nn.functional.interpolate(images.float(), size=self.image_size, mode="bilinear", antialias=True)
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
+        return images, torch.tensor(self.targets, dtype=torch.int64)
+
+
+class CUB200(_FileDataset):
+    """CUB-200-2011 in its official layout, with the official train/test split.
+
+    `root` is the CUB_200_2011 folder (holding images.txt, image_class_labels.txt, train_test_split.txt, classes.txt,
+    bounding_boxes.txt, images/) or its parent. `.samples` is [(path, label)], `.boxes` a float tensor (N, 4) of
+    x, y, width, height in pixels; `crop_to_box` crops each image to its bird.
+    """
+
+    FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt", "bounding_boxes.txt")
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        crop_to_box: bool = False,
+        transform: Callable | None = None,
+        *,
+        strict: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        image_size: int | None = None,
+    ):
+        super().__init__(transform, strict, max_pixels, image_size)
+        root = Path(root)
+        if not (root / "images.txt").exists() and (root / "CUB_200_2011" / "images.txt").exists():
+            root = root / "CUB_200_2011"
+        if not root.is_dir():
+            raise FileNotFoundError(f"CUB-200-2011 folder {root} does not exist")
+        for name in self.FILES:
+            if not (root / name).is_file():
+                raise FileNotFoundError(
+                    f"CUB-200-2011: {root / name} does not exist (expected the official layout: "
+                    f"{', '.join(self.FILES)}, images/)"
+                )
+        self.root, self.crop_to_box = root, crop_to_box
+        images = self._table("images.txt", 1)
+        labels = self._table("image_class_labels.txt", 1)
+        is_train = self._table("train_test_split.txt", 1)
+        boxes = self._table("bounding_boxes.txt", 4)
+        class_rows = self._table("classes.txt", 1)
+        class_ids = sorted(class_rows, key=int)
+        # "001.Black_footed_Albatross" -> "Black_footed_Albatross"
+        self.classes = [class_rows[c][0].split(".", 1)[-1] for c in class_ids]
+        label_of = {c: i for i, c in enumerate(class_ids)}
+        want = "1" if split == "train" else "0"
+        self.samples, box_list, self.image_ids = [], [], []
+        for image_id in sorted(images, key=int):
+            for table, name in (
+                (labels, "image_class_labels.txt"),
+                (is_train, "train_test_split.txt"),
+                (boxes, "bounding_boxes.txt"),
+            ):
+                if image_id not in table:
+                    raise ValueError(f"CUB-200-2011: image id {image_id} of images.txt has no row in {root / name}")
+            if is_train[image_id][0] != want:
+                continue
+            path = root / "images" / images[image_id][0]
+            if not path.is_file():
+                raise FileNotFoundError(f"CUB-200-2011: {path} (images.txt row {image_id}) does not exist")
+            class_id = labels[image_id][0]
+            if class_id not in label_of:
+                raise ValueError(f"CUB-200-2011: image {image_id} has class {class_id}, not in {root / 'classes.txt'}")
+            self.samples.append((str(path), label_of[class_id]))
+            box_list.append([float(v) for v in boxes[image_id]])
+            self.image_ids.append(int(image_id))
+        self.boxes = torch.tensor(box_list, dtype=torch.float32).reshape(-1, 4)
+
+    def _table(self, name: str, width: int) -> dict[str, list[str]]:
+        rows = {}
+        path = self.root / name
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != width + 1:
+                raise ValueError(f"{path}:{lineno}: expected {width + 1} fields, got {len(parts)}: {line!r}")
+            rows[parts[0]] = parts[1:]
+        return rows
+
+    def load(self, index: int) -> Image.Image:
+        img = open_image(self.samples[index][0], self.max_pixels)
+        if self.crop_to_box:
+            x, y, w, h = self.boxes[index].tolist()
+            left, top = max(0, int(x)), max(0, int(y))
+            right, bottom = min(img.width, int(round(x + w))), min(img.height, int(round(y + h)))
+            if right > left and bottom > top:
+                img = img.crop((left, top, right, bottom))
+        if self.image_size:
+            from torchvision.transforms.v2 import functional as F
+
+            img = F.resize(img, self.image_size, antialias=True)
+        return img
+
+    def cache_key(self) -> str:
+        return hashlib.sha1((super().cache_key() + repr(self.crop_to_box)).encode()).hexdigest()
+
+
+class Shapes(torch.utils.data.Dataset):
+    """The built-in shapes dataset (see `synthetic.py`), rendered on first use. `.masks` (N, H, W) gives each pixel's
+    class index + 1 on the shape, 0 on the background."""
+
+    def __init__(
+        self,
+        split: str = "train",
+        image_size: int = 32,
+        num_samples: int | None = None,
+        seed: int = 0,
+        transform: Callable | None = None,
+    ):
+        from resnetkit.data.synthetic import SHAPE_CLASSES
+
+        self.split = "train" if split == "train" else "test"
+        self.image_size, self.seed, self.transform = image_size, seed, transform
+        self.num_samples = SHAPES_SIZES[self.split] if num_samples is None else num_samples
+        self.classes = list(SHAPE_CLASSES)
+        self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _render(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._tensors is None:
+            from resnetkit.data.synthetic import render_shapes
+
+            self._tensors = render_shapes(self.num_samples, self.image_size, self.seed, self.split)
+        return self._tensors
+
+    @property
+    def targets(self) -> list[int]:
+        return self._render()[1].tolist()
+
+    @property
+    def masks(self) -> torch.Tensor:
+        return self._render()[2]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self._render()[0][index].permute(1, 2, 0).numpy())
+
+    def __getitem__(self, index: int):
+        img = self.load(index)
+        return (self.transform(img) if self.transform else img), int(self._render()[1][index])
+
+    def cache_key(self) -> str:
+        from resnetkit.data.synthetic import GENERATOR_VERSION
+
+        return f"shapes-v{GENERATOR_VERSION}-{self.split}-{self.num_samples}-{self.image_size}-{self.seed}"
+
+    def uint8_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, _ = self._render()
+        return images, labels
+
+
+def default_root() -> Path:
+    """Where named datasets (cifar10, cifar100, cub200) live unless given a root: $RESNETKIT_DATA or
+    ~/.cache/resnetkit/data."""
+    return Path(os.environ.get("RESNETKIT_DATA", "~/.cache/resnetkit/data")).expanduser()
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
+    return split
+
+
+def detect_kind(path: Path) -> str:
+    """What a dataset folder holds: 'cub200', 'cifar10', 'cifar100' or 'folder' (an ImageFolder root)."""
+    if (path / "images.txt").is_file() or (path / "CUB_200_2011" / "images.txt").is_file():
+        return "cub200"
+    if path.name == "cifar-10-batches-py" or (path / "cifar-10-batches-py").is_dir():
+        return "cifar10"
+    if path.name == "cifar-100-python" or (path / "cifar-100-python").is_dir():
+        return "cifar100"
+    return "folder"
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """The folder of an ImageFolder root holding `split`: train/, and val/ or test/ for evaluation."""
+    names = ["train"] if split == "train" else [split, "test" if split == "val" else "val"]
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(
+        f"{root} has no {' or '.join(n + '/' for n in names)} folder (an image folder dataset "
+        f"holds train/<class>/<image> and val/<class>/<image> or test/<class>/<image>)"
+    )
+
+
+def build_dataset(
+    name_or_path: str | os.PathLike,
+    split: str = "train",
+    *,
+    root: str | os.PathLike | None = None,
+    transform: Callable | None = None,
+    strict: bool = False,
+    download: bool = False,
+    image_size: int | None = None,
+    crop_to_box: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> torch.utils.data.Dataset:
+    """A dataset by name (`shapes`, `cifar10`, `cifar100`, `cub200`, looked up under `root`) or by path (an
+    ImageFolder root with train/ and val/ or test/, a CUB-200-2011 root, or a CIFAR python-layout folder).
+
+    `image_size`: the render size of shapes (default 32); for other datasets, resize the shorter side to it.
+    `crop_to_box`: CUB only. Splits: train, val, test (val and test are the same for shapes, CIFAR and CUB).
+    """
+    split = _check_split(split)
+    name = str(name_or_path)
+    if name == "shapes":
+        return Shapes(split, image_size or 32, transform=transform)
+    if name in BUILTIN:
+        path, kind = Path(root).expanduser() if root else default_root() / name, name
+        if kind == "cub200" and not path.exists():
+            raise FileNotFoundError(
+                f"CUB-200-2011 not found at {path}: download CUB_200_2011.tgz from "
+                "https://www.vision.caltech.edu/datasets/cub_200_2011/ and extract it there, or "
+                "pass its path"
+            )
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            close = difflib.get_close_matches(name, BUILTIN, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise FileNotFoundError(
+                f"dataset path {path} does not exist and is not a built-in dataset name ({', '.join(BUILTIN)}){hint}"
+            )
+        if not path.is_dir():
+            raise ValueError(f"dataset path {path} is a file; expected a folder")
+        kind = detect_kind(path)
+    if crop_to_box and kind != "cub200":
+        raise ValueError(f"crop_to_box applies to CUB-200-2011 only, not to {name}")
+    if kind in ("cifar10", "cifar100"):
+        return CIFAR(path, kind, split, transform, download, image_size)
+    if kind == "cub200":
+        return CUB200(path, split, crop_to_box, transform, strict=strict, max_pixels=max_pixels, image_size=image_size)
+    classes = None
+    if split != "train" and (path / "train").is_dir():
+        classes = sorted(e.name for e in os.scandir(path / "train") if e.is_dir() and not e.name.startswith("."))
+    return ImageFolder(
+        split_folder(path, split),
+        transform,
+        classes=classes,
+        strict=strict,
+        max_pixels=max_pixels,
+        image_size=image_size,
+    )

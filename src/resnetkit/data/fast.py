@@ -1,0 +1,229 @@
+"""The fast pipeline for small images: a uint8 tensor cache on disk, augmented a whole batch at a time on the device.
+
+CIFAR, shapes and ImageFolder trees of images up to 64 px are decoded once into uint8 (N, 3, H, W), saved under the
+cache folder ($RESNETKIT_CACHE, default ~/.cache/resnetkit) keyed by the source's content (file paths, sizes and
+modification times; the render parameters for shapes), then held on the training device. Each batch is indexed,
+randomly cropped (zero padding), flipped, optionally colour-jittered / erased, and normalised with tensor operations:
+no per-sample Python in the hot loop, which is what keeps a GPU fed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from resnetkit.data.datasets import CIFAR, BadImageError, Shapes, log, open_image, report_skipped
+
+CACHE_VERSION = 1
+SMALL_IMAGE_MAX = 64  # ImageFolder images up to this many pixels on a side go through the fast pipeline
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RESNETKIT_CACHE", "~/.cache/resnetkit")).expanduser()
+
+
+@dataclass
+class TensorData:
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _decode(path: str, size: int | None, max_pixels: int) -> torch.Tensor:
+    """One file -> uint8 (3, size, size): torchvision's decoder (libjpeg-turbo, libpng) for plain 8-bit RGB/grey
+    files, Pillow for the rest and for the error message of a bad file."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    img = None
+    try:
+        data = read_file(path)
+        if data.numel() > 0:
+            img = decode_image(data, mode=ImageReadMode.RGB)
+            h, w = img.shape[-2:]
+            if h * w > max_pixels:
+                img = None  # let open_image refuse it with its message
+    except RuntimeError:
+        img = None
+    if img is None or img.dtype != torch.uint8:
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        img = pil_to_tensor(open_image(path, max_pixels))
+    if size is not None and tuple(img.shape[-2:]) != (size, size):
+        from torchvision.transforms.v2 import functional as TF
+
+        img = TF.center_crop(TF.resize(img, size, antialias=True), size)
+    return img
+
+
+def _decode_checked(path: str, size: int | None, max_pixels: int) -> torch.Tensor | BadImageError:
+    try:
+        return _decode(path, size, max_pixels)
+    except BadImageError as e:
+        return e
+
+
+def decode_files(dataset, strict: bool = False, threads: int | None = None) -> TensorData:
+    """Decode every file of an ImageFolder/CUB200 dataset into one uint8 tensor (all images resized and centre-cropped
+    to the first image's size unless the dataset has an image_size). Bad files are skipped and reported once."""
+    samples = dataset.samples
+    if not samples:
+        raise ValueError(f"dataset {getattr(dataset, 'root', '')} has no images")
+    size = dataset.image_size
+    if size is None:
+        size = _decode(samples[0][0], None, dataset.max_pixels).shape[-1]
+    threads = threads or min(8, os.cpu_count() or 1)
+    # torchvision's decoders release the GIL, so threads decode in parallel without pickling tensors between processes.
+    with ThreadPoolExecutor(threads) as pool:
+        decoded = list(pool.map(lambda s: _decode_checked(s[0], size, dataset.max_pixels), samples, chunksize=64))
+    images, labels, skipped = [], [], list(getattr(dataset, "skipped", []))
+    for (path, label), img in zip(samples, decoded):
+        if isinstance(img, BadImageError):
+            if strict:
+                raise img
+            skipped.append((path, img.reason))
+        else:
+            images.append(img)
+            labels.append(label)
+    if not images:
+        raise ValueError(f"none of the {len(samples)} images of {getattr(dataset, 'root', 'the dataset')} is readable")
+    return TensorData(torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(dataset.classes), skipped)
+
+
+def load_tensors(dataset, cache_dir: str | os.PathLike | None = None, strict: bool = False) -> TensorData:
+    """The dataset as uint8 tensors: straight from memory for CIFAR, from the disk cache (built on first use) for
+    shapes and image files."""
+    if isinstance(dataset, CIFAR):
+        images, labels = dataset.uint8_tensors()
+        return TensorData(images, labels, list(dataset.classes))
+    key = hashlib.sha1(f"v{CACHE_VERSION}:{dataset.cache_key()}".encode()).hexdigest()[:20]
+    path = Path(cache_dir or default_cache_dir()) / "tensors" / f"{type(dataset).__name__.lower()}-{key}.pt"
+    if path.exists():
+        try:
+            blob = torch.load(path, weights_only=True)
+            data = TensorData(
+                blob["images"], blob["labels"], list(blob["classes"]), [tuple(s) for s in blob["skipped"]]
+            )
+            if strict and data.skipped:
+                raise BadImageError(*data.skipped[0])
+            report_skipped(data.skipped, len(data.labels) + len(data.skipped))
+            return data
+        except (RuntimeError, KeyError, EOFError, OSError) as e:  # a damaged cache file: rebuild it
+            log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, e)
+    if isinstance(dataset, Shapes):
+        images, labels = dataset.uint8_tensors()
+        data = TensorData(images, labels, list(dataset.classes))
+    else:
+        log.info("decoding %d images into the cache %s (once)", len(dataset), path)
+        data = decode_files(dataset, strict)
+        report_skipped(data.skipped, len(dataset))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(
+        {
+            "images": data.images,
+            "labels": data.labels,
+            "classes": data.classes,
+            "skipped": [list(s) for s in data.skipped],
+        },
+        tmp,
+    )
+    os.replace(tmp, path)  # atomic: concurrent ranks building the same cache never see half a file
+    return data
+
+
+def first_image_side(dataset) -> int:
+    """The larger side of a file dataset's first image, read from its header only."""
+    from PIL import Image
+
+    path = dataset.samples[0][0]
+    try:
+        with Image.open(path) as img:
+            return max(img.size)
+    except Exception:  # a bad first file: let the loader report it
+        return 0
+
+
+# ---- batch augmentations (tensor operations on a whole batch) ----
+
+
+def crop_flip_batch(
+    padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """Crop each image of an already padded batch (N, C, H + 2p, W + 2p) at offsets (dy, dx) in [0, 2p] to
+    height x width, mirroring left-right where `flip` is set: torchvision's RandomCrop(size, padding=p) +
+    RandomHorizontalFlip for a whole batch in one gather."""
+    n, c, hp, wp = padded.shape
+    dev = padded.device
+    col = torch.arange(width, device=dev).view(1, width)
+    cols = torch.where(flip.view(n, 1), width - 1 - col, col) + dx.view(n, 1)
+    rows = (torch.arange(height, device=dev).view(1, height) + dy.view(n, 1)) * wp
+    index = (rows.view(n, height, 1) + cols.view(n, 1, width)).view(n, 1, height * width).expand(n, c, -1)
+    return padded.reshape(n, c, hp * wp).gather(2, index).view(n, c, height, width)
+
+
+def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float (x / 255 - mean) / std, as one multiply-add per pixel."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return torch.addcmul(-mean / std, images.float(), 1.0 / (255.0 * std))
+
+
+def color_jitter_batch(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random brightness, contrast and saturation factors in [1 - strength, 1 + strength] (float in
+    [0, 255] in, the same out)."""
+    n = images.shape[0]
+
+    def factors() -> torch.Tensor:
+        u = torch.rand(n, 1, 1, 1, generator=generator, device=images.device)
+        return 1 + strength * (2 * u - 1)
+
+    x = images * factors()
+    grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    x = grey.mean((2, 3), keepdim=True) + (x - grey.mean((2, 3), keepdim=True)) * factors()
+    grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    x = grey + (x - grey) * factors()
+    return x.clamp_(0, 255)
+
+
+def erase_batch(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Random erasing (normalised float in): with probability p per image, set a random rectangle of 2-33% of the
+    area (aspect 0.3-3.3, as torchvision's RandomErasing) to standard normal noise."""
+    n, _, h, w = images.shape
+    dev = images.device
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device=dev)
+
+    area = (0.02 + (0.33 - 0.02) * rand(n)) * h * w
+    log_ratio = torch.log(torch.tensor(0.3)) + (torch.log(torch.tensor(3.3)) - torch.log(torch.tensor(0.3))) * rand(n)
+    ratio = torch.exp(log_ratio.to(dev))
+    eh = torch.sqrt(area * ratio).clamp(1, h).floor()
+    ew = torch.sqrt(area / ratio).clamp(1, w).floor()
+    top = ((h - eh + 1) * rand(n)).floor()
+    left = ((w - ew + 1) * rand(n)).floor()
+    ys = torch.arange(h, device=dev).view(1, h, 1)
+    xs = torch.arange(w, device=dev).view(1, 1, w)
+    inside = (
+        (ys >= top.view(n, 1, 1))
+        & (ys < (top + eh).view(n, 1, 1))
+        & (xs >= left.view(n, 1, 1))
+        & (xs < (left + ew).view(n, 1, 1))
+        & (rand(n) < p).view(n, 1, 1)
+    )
+    noise = torch.randn(images.shape, generator=generator, device=dev)
+    return torch.where(inside.unsqueeze(1), noise, images)
+
+
+def policy_batch(images: torch.Tensor, name: str, group: int = 8) -> torch.Tensor:
+    """TrivialAugment / RandAugment / AutoAugment on uint8 images, one random op per group of `group` images
+    (torchvision applies one op to a whole tensor; groups keep the variety without a per-sample loop)."""
+    from torchvision.transforms import v2
+
+    op = {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment, "autoaugment": v2.AutoAugment}[name]()
+    return torch.cat([op(chunk) for chunk in images.split(group)])

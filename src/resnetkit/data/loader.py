@@ -1,0 +1,376 @@
+"""`build_loader`: batches of (normalised float images, int64 labels) on the training device, with exact resume.
+
+Two pipelines behind one interface:
+- the cached uint8 tensor pipeline (`fast.py`) for small images (CIFAR, shapes, ImageFolder up to 64 px) with the
+  `cifar` preset: augmentation a batch at a time on the device;
+- a DataLoader with worker processes, pinned memory and persistent workers for large images (ImageNet-style
+  folders, CUB), with per-sample torchvision transforms.
+
+Both draw each epoch's order from (seed, epoch), shard training batches by rank (every rank gets the same number),
+shard evaluation without padding duplicates (each sample seen exactly once across ranks), and resume exactly from
+`state_dict()` (epoch and batches already handed out).
+
+    >>> loader = build_loader("shapes", "train", preset="cifar", batch_size=128, train=True, device="cpu")
+    >>> for epoch in range(3):
+    ...     loader.set_epoch(epoch)
+    ...     for images, labels in loader: ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from resnetkit.data import fast
+from resnetkit.data.datasets import CIFAR, ImageFolder, Shapes, SkippedSample, build_dataset, report_skipped
+from resnetkit.data.transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    SHAPES_MEAN,
+    SHAPES_STD,
+    build_transform,
+    check_extras,
+    check_preprocess,
+    compute_mean_std,
+    preprocess_info,
+)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (seed, epoch, batch, ...), so nearby inputs give unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class Loader:
+    """Shared by both pipelines: the epoch plan (which indices go in which batch on this rank) and resume state."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        train: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        classes: list[str],
+        preprocess: dict,
+        device: torch.device,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if num_samples < world_size:
+            raise ValueError(f"{num_samples} samples cannot be split over {world_size} ranks")
+        self.num_samples, self.batch_size, self.train = num_samples, batch_size, train
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.classes, self.preprocess, self.device = classes, preprocess, device
+        self.epoch, self.position = 0, 0
+        self._plan_epoch, self._plan = None, None
+
+    def plan(self) -> list[torch.Tensor]:
+        """This rank's batches of sample indices for the current epoch."""
+        if self._plan_epoch != self.epoch:
+            n, ws = self.num_samples, self.world_size
+            if self.train:
+                g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+                # Every rank takes the same number of samples (the few left over change each epoch), and only full
+                # batches, so DDP ranks step together and BatchNorm never sees a batch of one.
+                per_rank = n // ws
+                mine = torch.randperm(n, generator=g)[self.rank :: ws][:per_rank]
+                full = per_rank // self.batch_size * self.batch_size or per_rank
+                batches = list(mine[:full].split(self.batch_size))
+            else:
+                # Contiguous shards of sizes differing by at most one: each sample exactly once across ranks.
+                start, stop = self.rank * n // ws, (self.rank + 1) * n // ws
+                batches = list(torch.arange(start, stop).split(self.batch_size))
+            self._plan_epoch, self._plan = self.epoch, batches
+        return self._plan
+
+    def __len__(self) -> int:
+        return len(self.plan())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` (the same epoch again keeps the position, so set_epoch after a resume is harmless)."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def _start(self) -> list[torch.Tensor]:
+        if self.position >= len(self):  # the previous epoch was finished and set_epoch not called: go on
+            self.epoch, self.position = self.epoch + 1, 0
+        return self.plan()
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_samples", "batch_size", "world_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"loader state has {key}={state[key]} but this loader has {getattr(self, key)}: "
+                    "resume needs the same data, batch size and number of ranks"
+                )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.seed = int(state.get("seed", self.seed))
+        self._plan_epoch = None
+
+
+class TensorLoader(Loader):
+    """The cached uint8 pipeline: the whole dataset on the device, augmented a batch at a time."""
+
+    def __init__(
+        self,
+        data: fast.TensorData,
+        *,
+        batch_size: int,
+        train: bool,
+        device: torch.device,
+        preprocess: dict,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: Sequence[str] = (),
+        padding: int = 4,
+    ):
+        super().__init__(len(data.labels), batch_size, train, seed, rank, world_size, data.classes, preprocess, device)
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+        self.skipped = data.skipped
+        self.augment, self.padding = check_extras(augment), padding
+        # Training crops read from a copy padded once, so a batch costs one index and one gather.
+        self.padded = torch.nn.functional.pad(self._fit_size(self.images), (padding,) * 4) if train else None
+
+    def _fit_size(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.preprocess["input_size"]
+        if x.shape[-1] == size and x.shape[-2] == size:
+            return x
+        from torchvision.transforms.v2 import functional as TF
+
+        return TF.center_crop(TF.resize(x, self.preprocess["resize"], antialias=True), size)
+
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The normalised float batch of samples idx: random crop + flip (+ extras) when given a generator."""
+        p = self.preprocess
+        if generator is None:
+            return fast.normalize_batch(self._fit_size(self.images[idx]), p["mean"], p["std"])
+        n, dev, size = len(idx), idx.device, p["input_size"]
+        offsets = torch.randint(0, 2 * self.padding + 1, (2, n), generator=generator, device=dev)
+        flip = torch.rand(n, generator=generator, device=dev) < 0.5
+        x = fast.crop_flip_batch(self.padded[idx], offsets[0], offsets[1], flip, size, size)
+        for name in self.augment:
+            if name in ("trivialaugment", "randaugment", "autoaugment"):
+                x = fast.policy_batch(x, name)
+        if "colorjitter" in self.augment:
+            x = fast.color_jitter_batch(x.float(), 0.4, generator)
+        x = fast.normalize_batch(x, p["mean"], p["std"])
+        if "erasing" in self.augment:
+            x = fast.erase_batch(x, 0.25, generator)
+        return x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self._start()
+        while self.position < len(batches):
+            b = self.position
+            self.position += 1
+            idx = batches[b].to(self.device)
+            generator = None
+            if self.train:
+                generator = torch.Generator(self.device).manual_seed(_mix(self.seed, self.epoch, b, self.rank))
+            # Policy augmentations (TrivialAugment...) draw from the global RNG: seed it per batch for exact resume.
+            policies = self.train and any(a.endswith("augment") for a in self.augment)
+            with _seeded(_mix(self.seed, self.epoch, b, self.rank, 1)) if policies else contextlib.nullcontext():
+                images = self.batch(idx, generator)
+            yield images, self.labels[idx]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """Collate (image tensor, label) samples, dropping SkippedSample entries: (images, labels, [(path, reason)])."""
+    good = [s for s in batch if not isinstance(s, SkippedSample)]
+    skipped = [(s.path, s.reason) for s in batch if isinstance(s, SkippedSample)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), skipped
+    images = torch.stack([s[0] for s in good])
+    labels = torch.tensor([s[1] for s in good], dtype=torch.int64)
+    return images, labels, skipped
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    """Yields the loader's remaining batches of the epoch; read afresh each epoch (works with persistent workers)."""
+
+    def __init__(self, loader: Loader):
+        self.loader = loader
+
+    def __iter__(self):
+        batches = self.loader.plan()
+        for b in range(self.loader.position, len(batches)):
+            yield batches[b].tolist()
+
+    def __len__(self) -> int:
+        return len(self.loader.plan()) - self.loader.position
+
+
+class FileLoader(Loader):
+    """A DataLoader over image files: worker processes decode and transform, pinned memory feeds the device."""
+
+    def __init__(
+        self,
+        dataset,
+        *,
+        batch_size: int,
+        train: bool,
+        device: torch.device,
+        preprocess: dict,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 2,
+        augment: Sequence[str] = (),
+    ):
+        super().__init__(
+            len(dataset), batch_size, train, seed, rank, world_size, list(dataset.classes), preprocess, device
+        )
+        p = preprocess
+        dataset.transform = build_transform(p["preset"], train, p["mean"], p["std"], augment, p["input_size"])
+        self.dataset = dataset
+        self.skipped: list[tuple[str, str]] = list(getattr(dataset, "skipped", []))
+        self._reported = {path for path, _ in self.skipped}
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=_PlanSampler(self),
+            num_workers=workers,
+            collate_fn=collate_skipping,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            generator=torch.Generator().manual_seed(_mix(seed, rank)),
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._start()
+        new = []
+        for images, labels, skipped in self.loader:
+            self.position += 1
+            for path, reason in skipped:
+                if path not in self._reported:
+                    self._reported.add(path)
+                    new.append((path, reason))
+            if len(labels):
+                yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+        self.skipped += new
+        report_skipped(new, self.num_samples)
+
+
+def _dataset_stats(dataset, name: str, data: fast.TensorData | None, cache_dir, strict: bool):
+    """Normalisation statistics for the cifar preset: the dataset's own (ImageNet's are the presets' default)."""
+    if isinstance(dataset, CIFAR):
+        return (CIFAR100_MEAN, CIFAR100_STD) if dataset.name == "cifar100" else (CIFAR10_MEAN, CIFAR10_STD)
+    if isinstance(dataset, Shapes):
+        return SHAPES_MEAN, SHAPES_STD
+    if isinstance(dataset, ImageFolder) and data is not None:
+        train = dataset if dataset.root.name == "train" else None
+        if train is None and (dataset.root.parent / "train").is_dir():
+            train = build_dataset(str(dataset.root.parent), "train", strict=strict, image_size=dataset.image_size)
+        if train is not None:
+            images = data.images if train is dataset else fast.load_tensors(train, cache_dir, strict).images
+            return compute_mean_std(images)
+    return None, None
+
+
+def build_loader(
+    name_or_path: str | os.PathLike,
+    split: str = "train",
+    *,
+    preset: str | dict,
+    batch_size: int,
+    train: bool,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    fast: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    strict: bool = False,
+    root: str | os.PathLike | None = None,
+    augment: Sequence[str] = (),
+    download: bool = False,
+    image_size: int | None = None,
+) -> Loader:
+    """A Loader over a dataset named as in `build_dataset`.
+
+    `preset`: "cifar", "imagenet", "cub448", or a checkpoint's `preprocess` dict (evaluation with the training
+    normalisation). `fast=None` picks the cached tensor pipeline for small images with the cifar preset, the
+    DataLoader otherwise. `augment`: optional augmentations by name (trivialaugment, randaugment, autoaugment,
+    colorjitter, erasing), applied only when training. Training batches are shuffled per epoch, sharded by
+    rank/world_size, and full (the last partial batch is dropped); evaluation batches cover every sample once.
+    """
+    device = torch.device(device)
+    augment = check_extras(augment)
+    given = check_preprocess(preset) if isinstance(preset, dict) else None
+    preset_name = given["preset"] if given else preset
+    dataset = build_dataset(name_or_path, split, root=root, strict=strict, download=download, image_size=image_size)
+    small = isinstance(dataset, (CIFAR, Shapes)) or (isinstance(dataset, ImageFolder) and fast_candidate(dataset))
+    if fast is None:
+        fast = small and preset_name == "cifar"
+    elif fast and not (isinstance(dataset, (CIFAR, Shapes)) or hasattr(dataset, "samples")):
+        raise ValueError(f"the fast pipeline cannot read {name_or_path}")
+    if fast and preset_name != "cifar":
+        raise ValueError(
+            f"the fast pipeline does the 'cifar' preset (pad-crop + flip); got preset {preset_name!r}: "
+            "use fast=False for per-sample presets"
+        )
+    from resnetkit.data import fast as fastlib
+
+    data = fastlib.load_tensors(dataset, cache_dir, strict) if fast else None
+    if given:
+        preprocess = given
+    else:
+        mean = std = None
+        if preset_name == "cifar":
+            mean, std = _dataset_stats(dataset, str(name_or_path), data, cache_dir, strict)
+        size = data.images.shape[-1] if data is not None and preset_name == "cifar" else None
+        if size is None and preset_name == "cifar" and isinstance(dataset, Shapes):
+            size = dataset.image_size
+        preprocess = preprocess_info(preset_name, mean, std, input_size=size)
+    common = dict(
+        batch_size=batch_size,
+        train=train,
+        device=device,
+        preprocess=preprocess,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        augment=augment if train else (),
+    )
+    if fast:
+        return TensorLoader(data, **common)
+    return FileLoader(dataset, workers=workers, **common)
+
+
+def fast_candidate(dataset) -> bool:
+    """An ImageFolder whose images are small enough for the tensor cache (judged by the first image)."""
+    side = fast.first_image_side(dataset)
+    return 0 < side <= fast.SMALL_IMAGE_MAX

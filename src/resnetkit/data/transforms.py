@@ -1,0 +1,225 @@
+"""Augmentation and preprocessing presets, the checkpoint's `preprocess` dict, normalisation statistics, mixup/cutmix.
+
+Presets (per-sample, torchvision transforms v2, used by the DataLoader pipeline; the cached pipeline in `fast.py`
+does the `cifar` preset a whole batch at a time):
+- `cifar`: pad-4 random crop at the image size (32) + horizontal flip; evaluation: the image as it is.
+- `imagenet`: RandomResizedCrop 224 + flip; evaluation: resize 256 + centre crop 224.
+- `cub448`: resize 512 + random crop 448 + flip; evaluation: resize 512 + centre crop 448.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.transforms import v2
+
+# The CIFAR-10 training set's per-channel statistics (official pixels). The dataset's own for CIFAR, ImageNet's for
+# the rest, as in the source material.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The shapes dataset (seed 0, 32 px train split, 10,000 images): computed once with `compute_mean_std`.
+SHAPES_MEAN, SHAPES_STD = (0.4756, 0.4750, 0.4770), (0.2153, 0.2150, 0.2150)
+
+
+@dataclass(frozen=True)
+class Preset:
+    input_size: int
+    resize: int  # evaluation: resize the shorter side to this, then centre crop input_size
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+PRESETS = {
+    "cifar": Preset(32, 32, CIFAR10_MEAN, CIFAR10_STD),
+    "imagenet": Preset(224, 256, IMAGENET_MEAN, IMAGENET_STD),
+    "cub448": Preset(448, 512, IMAGENET_MEAN, IMAGENET_STD),
+}
+# Optional per-sample augmentations by name. Erasing works on the normalised tensor, the others on the image.
+EXTRAS = ("trivialaugment", "randaugment", "autoaugment", "colorjitter", "erasing")
+
+
+def _check_name(kind: str, name: str, valid: Iterable[str]) -> None:
+    valid = list(valid)
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown {kind} {name!r}{hint}; expected one of: {', '.join(valid)}")
+
+
+def get_preset(name: str) -> Preset:
+    _check_name("preset", name, PRESETS)
+    return PRESETS[name]
+
+
+def check_extras(extras: Sequence[str]) -> tuple[str, ...]:
+    for name in extras:
+        _check_name("augmentation", name, EXTRAS)
+    return tuple(extras)
+
+
+def preprocess_info(
+    preset: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None, input_size: int | None = None
+) -> dict:
+    """The checkpoint's `preprocess` dict: what evaluation, prediction, serving and export need to rebuild the
+    evaluation transform. `input_size` overrides the preset's (the `cifar` preset follows the image size)."""
+    p = get_preset(preset)
+    size = input_size or p.input_size
+    # Keep the preset's resize/crop ratio (256/224 for ImageNet) when the input size changes.
+    resize = p.resize if size == p.input_size else round(size * p.resize / p.input_size)
+    mean, std = list(mean or p.mean), list(std or p.std)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"preprocess: mean and std need 3 values each, std > 0; got mean={mean}, std={std}")
+    return {
+        "preset": preset,
+        "input_size": int(size),
+        "resize": int(resize),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+    }
+
+
+def check_preprocess(preprocess: dict) -> dict:
+    """Validate a `preprocess` dict (e.g. from a checkpoint) and return it; the message names the missing key."""
+    if not isinstance(preprocess, dict):
+        raise ValueError(f"preprocess must be a dict, got {type(preprocess).__name__}")
+    for key in ("preset", "input_size", "resize", "mean", "std"):
+        if key not in preprocess:
+            raise ValueError(f"preprocess dict has no {key!r} key (has: {', '.join(sorted(preprocess))})")
+    return preprocess
+
+
+class ToRGB(torch.nn.Module):
+    """Any PIL image mode (greyscale, palette, RGBA, CMYK, 16-bit) -> 8-bit RGB; tensors pass through."""
+
+    def forward(self, img):
+        from resnetkit.data.datasets import to_rgb
+
+        return img if isinstance(img, torch.Tensor) else to_rgb(img)
+
+
+def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def eval_transform_from(preprocess: dict) -> v2.Compose:
+    """The evaluation transform (PIL image -> normalised float tensor C,H,W) described by a `preprocess` dict."""
+    p = check_preprocess(preprocess)
+    return v2.Compose(
+        [
+            ToRGB(),
+            v2.Resize(p["resize"], antialias=True),
+            v2.CenterCrop(p["input_size"]),
+            *_to_normalised_tensor(p["mean"], p["std"]),
+        ]
+    )
+
+
+def build_transform(
+    preset: str,
+    train: bool,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    extras: Sequence[str] = (),
+    input_size: int | None = None,
+) -> v2.Compose:
+    """The per-sample transform of a preset (PIL image -> normalised float tensor). `extras` names optional
+    augmentations from EXTRAS, applied only when training."""
+    info = preprocess_info(preset, mean, std, input_size)
+    if not train:
+        return eval_transform_from(info)
+    extras = check_extras(extras)
+    size, resize = info["input_size"], info["resize"]
+    if preset == "cifar":
+        geometric = [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()]
+    elif preset == "imagenet":
+        geometric = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    else:  # cub448
+        geometric = [v2.Resize(resize, antialias=True), v2.RandomCrop(size), v2.RandomHorizontalFlip()]
+    photometric = {
+        "trivialaugment": v2.TrivialAugmentWide(),
+        "randaugment": v2.RandAugment(),
+        "autoaugment": v2.AutoAugment(),
+        "colorjitter": v2.ColorJitter(0.4, 0.4, 0.4),
+    }
+    steps = [ToRGB(), *geometric, *(photometric[e] for e in extras if e in photometric)]
+    steps += _to_normalised_tensor(info["mean"], info["std"])
+    if "erasing" in extras:
+        steps.append(v2.RandomErasing(p=0.25))
+    return v2.Compose(steps)
+
+
+def mixup_cutmix(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-level mixup and/or cutmix (one of them per batch, chosen at random when both are on).
+
+    Returns the mixed images and soft labels (N, num_classes) that sum to 1; with both alphas 0 the images are
+    unchanged and the labels one-hot.
+    """
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
+    ops = []
+    if mixup_alpha > 0:
+        ops.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        ops.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not ops:
+        return images, torch.nn.functional.one_hot(labels, num_classes).to(images.dtype)
+    op = ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+    return op(images, labels)
+
+
+def compute_mean_std(source, max_images: int | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (pixels scaled to [0, 1]) of a folder of images (searched recursively), a dataset
+    from `build_dataset`, or a uint8 tensor (N, 3, H, W). Unreadable files are skipped and reported once."""
+    if isinstance(source, torch.Tensor):
+        batches: Iterable[torch.Tensor] = source.split(1024)
+    elif isinstance(source, (str, Path)):
+        batches = _folder_batches(Path(source), max_images)
+    else:
+        batches = _dataset_batches(source, max_images)
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for x in batches:
+        x = x.to(torch.float64).div_(255).transpose(0, 1).reshape(3, -1)
+        total += x.sum(1)
+        total_sq += (x * x).sum(1)
+        count += x.shape[1]
+    if count == 0:
+        raise ValueError(f"no readable images in {source}")
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
+
+
+def _pil_to_uint8(img) -> torch.Tensor:
+    return v2.functional.pil_to_tensor(img).unsqueeze(0)
+
+
+def _folder_batches(folder: Path, max_images: int | None):
+    from resnetkit.data.datasets import IMAGE_EXTENSIONS, BadImageError, open_image, report_skipped
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    skipped = []
+    for path in files[:max_images]:
+        try:
+            yield _pil_to_uint8(open_image(path))
+        except BadImageError as e:
+            skipped.append((str(path), e.reason))
+    report_skipped(skipped, len(files[:max_images]))
+
+
+def _dataset_batches(dataset, max_images: int | None):
+    n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    for i in range(n):
+        item = dataset[i]
+        if isinstance(item, tuple):
+            yield _pil_to_uint8(item[0])
