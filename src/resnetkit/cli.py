@@ -13,7 +13,9 @@ import sys
 COMMAND_MODULES = [
     "resnetkit.models.cli",  # models, summary
     "resnetkit.train.cli",  # train
+    "resnetkit.eval_cli",  # eval, report, explain
     "resnetkit.deploy.serve_cli",  # predict, serve
+    "resnetkit.tasks.detection_cli",  # detect train|eval|predict
 ]
 
 

@@ -727,7 +727,7 @@ def train_detector(config: DetectionConfig, resume: bool = False) -> dict[str, A
         optimizer, _lr_lambda(min(config.warmup_steps, total_steps // 4), total_steps)
     )
     config_dict = asdict(config)
-    start_epoch, best = 0, -1.0
+    start_epoch, best = 0, -math.inf
     if resume and (out / "last.pt").is_file():
         ckpt = load_checkpoint(out / "last.pt")
         if ckpt.get("task") != "detection":
@@ -737,7 +737,7 @@ def train_detector(config: DetectionConfig, resume: bool = False) -> dict[str, A
         scheduler.load_state_dict(ckpt["scheduler"])
         _restore_rng(ckpt["rng"])
         generator.set_state(ckpt["rng"]["loader"])
-        start_epoch, best = ckpt["epoch"], ckpt.get("best_map", -1.0)
+        start_epoch, best = ckpt["epoch"], ckpt.get("best_score", -math.inf)
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
     (out / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
 
@@ -765,9 +765,10 @@ def train_detector(config: DetectionConfig, resume: bool = False) -> dict[str, A
                 flush=True,
             )
         logger.log_epoch(epoch + 1, metrics)
-        score = metrics.get("val_map", -train_metrics["loss"])
-        is_best = score > best
-        best = max(best, score)
+        # best.pt: the highest val mAP so far (the lowest training loss when there is no validation split)
+        score = metrics["val_map"] if "val_map" in metrics else None if val_set is not None else -metrics["train_loss"]
+        is_best = score is not None and score > best
+        best = max(best, score) if score is not None else best
         state = {
             "task": "detection",
             "model": model.state_dict(),
@@ -781,7 +782,7 @@ def train_detector(config: DetectionConfig, resume: bool = False) -> dict[str, A
             "scheduler": scheduler.state_dict(),
             "rng": {**_rng_state(), "loader": generator.get_state()},
             "metrics": metrics,
-            "best_map": best,
+            "best_score": best,
             "version": __version__,
         }
         save_checkpoint(out / "last.pt", state)
