@@ -29,6 +29,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from resnetkit.deploy.predict import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, Predictor, open_image
 
@@ -47,6 +53,7 @@ class ServeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # per image, checked from the header before decoding
     max_images: int = 64  # images per request
     max_top_k: int = 100
+    threads: int = 0  # torch threads per worker process; 0: the machine's cores divided among the workers
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "onnxruntime"):
@@ -54,6 +61,8 @@ class ServeConfig:
         for key in ("max_batch", "max_request_bytes", "max_pixels", "max_images", "max_top_k"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
 
@@ -315,13 +324,6 @@ def load_predictor(config: ServeConfig) -> Predictor:
 
 def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Module | None = None):
     """The FastAPI app (wrapped in the size-limit and metrics layer) serving `predictor`."""
-    from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
-    from fastapi.staticfiles import StaticFiles
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     from resnetkit import __version__
 
     metrics = Metrics()
@@ -466,6 +468,7 @@ def _model_view(image, preprocess: dict[str, Any], max_side: int = 384):
 def app_from_env():
     """uvicorn factory for `--workers N`: each worker process builds its app from the JSON config in the env."""
     config = ServeConfig(**json.loads(os.environ[CONFIG_ENV]))
+    torch.set_num_threads(config.threads or 1)
     return create_app(load_predictor(config), config)
 
 
@@ -477,14 +480,15 @@ def serve(
 
     if not Path(config.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {config.checkpoint}")
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    torch.set_num_threads(threads)
+    # Workers x threads beyond the cores makes every thread wait for the others (10x slower on a busy 2-core box).
+    config.threads = config.threads or max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(config.threads)
     if workers == 1:
         app = create_app(load_predictor(config), config)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
         return
     os.environ[CONFIG_ENV] = json.dumps(asdict(config))
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("OMP_NUM_THREADS", str(config.threads))
     uvicorn.run(
         "resnetkit.deploy.serve:app_from_env",
         factory=True,

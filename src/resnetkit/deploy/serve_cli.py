@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-request-mb", type=float, default=20.0, help="request body limit in MB (default 20)")
     p.add_argument("--max-pixels", type=int, default=None, help="per-image pixel limit (default 64,000,000)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -164,6 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+        threads=args.threads,
         **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
     )
     serve(config, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
