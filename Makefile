@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/resnetkit demo
+	$(VENV)/bin/resnetkit models
+	$(VENV)/bin/resnetkit summary resnet50
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,12 +1,13 @@
 """resnetkit: the ResNet family, from building to serving.
 
-    >>> import resnetkit
-    >>> model = resnetkit.create_model("resnet18", num_classes=10, stem="cifar")
+>>> import resnetkit
+>>> model = resnetkit.create_model("resnet18", num_classes=10, stem="cifar")
 """
 
 __version__ = "0.1.0"
 
+from resnetkit.evaluate import evaluate  # noqa: E402
 from resnetkit.models import create_model, list_models, load_weights  # noqa: E402  (registers the zoo)
 from resnetkit.train import train  # noqa: E402  (the function; the package stays importable as resnetkit.train.*)
 
-__all__ = ["__version__", "create_model", "list_models", "load_weights", "train"]
+__all__ = ["__version__", "create_model", "list_models", "load_weights", "train", "evaluate"]

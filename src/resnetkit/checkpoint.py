@@ -61,8 +61,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a resnetkit checkpoint (no 'model' key); for a bare state dict use "
-                              "--model NAME --weights FILE")
+        raise CheckpointError(
+            f"{path} is not a resnetkit checkpoint (no 'model' key); for a bare state dict use "
+            "--model NAME --weights FILE"
+        )
     return ckpt
 
 

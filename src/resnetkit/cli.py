@@ -26,8 +26,10 @@ class UserError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     from resnetkit import __version__
 
-    parser = argparse.ArgumentParser(prog="resnetkit", description="Build, train, evaluate, explain, export and "
-                                     "serve ResNets, and use them as backbones.")
+    parser = argparse.ArgumentParser(
+        prog="resnetkit",
+        description="Build, train, evaluate, explain, export and serve ResNets, and use them as backbones.",
+    )
     parser.add_argument("--version", action="version", version=f"resnetkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:

@@ -1,7 +1,7 @@
 """The model registry: `register_model`, `create_model`, `list_models`.
 
-    >>> from resnetkit import create_model
-    >>> model = create_model("resnet50", num_classes=10)
+>>> from resnetkit import create_model
+>>> model = create_model("resnet50", num_classes=10)
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ def default_input_size(name: str) -> int:
 
 
 def _closest(word: str, choices, n: int = 3) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)
+    choices = list(choices)
+    close = [c for c in choices if c.startswith(word)][:n]  # "resnext50" -> "resnext50_32x4d"
+    close += [c for c in difflib.get_close_matches(word, choices, n=n, cutoff=0.5) if c not in close]
+    close = close[:n]
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 

@@ -7,6 +7,16 @@ from resnetkit.models.weights import WeightsError, load_weights, pretrained_stat
 from resnetkit.registry import create_model, default_input_size, list_models
 
 __all__ = [
-    "BasicBlock", "Bottleneck", "DenseNet", "ResNet", "ResNet9", "WeightsError", "create_model",
-    "default_input_size", "list_models", "load_weights", "pretrained_state_dict", "read_state_dict",
+    "BasicBlock",
+    "Bottleneck",
+    "DenseNet",
+    "ResNet",
+    "ResNet9",
+    "WeightsError",
+    "create_model",
+    "default_input_size",
+    "list_models",
+    "load_weights",
+    "pretrained_state_dict",
+    "read_state_dict",
 ]

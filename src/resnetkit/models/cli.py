@@ -34,8 +34,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
         model = create_model(name, **kwargs)
         size = default_input_size(name)
-        table.add_row(name, model_family(name), f"{size}", f"{count_params(model):,}",
-                      f"{total_macs(model, size) / 1e9:.3f}")
+        table.add_row(
+            name, model_family(name), f"{size}", f"{count_params(model):,}", f"{total_macs(model, size) / 1e9:.3f}"
+        )
     Console().print(table)
     return 0
 

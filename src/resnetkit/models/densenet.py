@@ -73,11 +73,13 @@ class DenseNet(nn.Module):
         self.feature_info = [dict(name="features.relu0", channels=num_init_features, reduction=2)]
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
-            self.features.add_module(f"denseblock{i + 1}",
-                                     DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate))
+            self.features.add_module(
+                f"denseblock{i + 1}", DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate)
+            )
             num_features += num_layers * growth_rate
-            self.feature_info.append(dict(name=f"features.denseblock{i + 1}", channels=num_features,
-                                          reduction=4 * 2**i))
+            self.feature_info.append(
+                dict(name=f"features.denseblock{i + 1}", channels=num_features, reduction=4 * 2**i)
+            )
             if i != len(block_config) - 1:
                 self.features.add_module(f"transition{i + 1}", Transition(num_features, num_features // 2))
                 num_features //= 2

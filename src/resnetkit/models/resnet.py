@@ -196,8 +196,9 @@ class ResNet(nn.Module):
         layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, norm_layer)]
         self.inplanes = out_planes
         for _ in range(1, blocks):
-            layers.append(block(self.inplanes, planes, groups=self.groups, base_width=self.base_width,
-                                norm_layer=norm_layer))
+            layers.append(
+                block(self.inplanes, planes, groups=self.groups, base_width=self.base_width, norm_layer=norm_layer)
+            )
         return nn.Sequential(*layers)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -308,8 +309,9 @@ def wide_resnet101_2(**kwargs) -> ResNet:
 # The CIFAR family of He et al. section 4.2: 6n+2 layers, three stages of 16/32/64 channels on 32x32 inputs,
 # parameter-free option-A shortcuts. Parameters (paper table 6): 0.27M, 0.46M, 0.66M, 0.85M, 1.7M.
 def _cifar_resnet(n: int, num_classes: int = 10, **kwargs) -> ResNet:
-    return ResNet(BasicBlock, [n, n, n], num_classes=num_classes, stem="cifar", widths=(16, 32, 64), shortcut="A",
-                  **kwargs)
+    return ResNet(
+        BasicBlock, [n, n, n], num_classes=num_classes, stem="cifar", widths=(16, 32, 64), shortcut="A", **kwargs
+    )
 
 
 @register_model(**_CIFAR)

@@ -39,8 +39,9 @@ def summarize(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> lis
     model = model.eval()
     pieces = _rows_of(model)
     shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: shapes.__setitem__(n, tuple(out.shape)))
-             for n, m in pieces]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, n=n: shapes.__setitem__(n, tuple(out.shape))) for n, m in pieces
+    ]
     try:
         with FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, in_chans, input_size, input_size))

@@ -47,7 +47,7 @@ def extract_state_dict(obj, where: str = "checkpoint") -> dict[str, torch.Tensor
     state = dict(obj)
     for prefix in _WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -74,11 +74,18 @@ def load_weights(
                 state[key] = own[key]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
         lines = [f"weights from {where} do not fit {type(model).__name__}:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)):
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatch", mismatched),
+        ):
             if items:
                 shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
                 lines.append(f"  {title}: {shown}")
