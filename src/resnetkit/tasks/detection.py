@@ -363,10 +363,8 @@ def read_cub(root: str | Path, split: str, class_agnostic: bool = True) -> Detec
 
     class_agnostic: one class "bird"; otherwise the 200 (here: the subset's) species.
     """
-    try:
-        from resnetkit.data import CUB200
-    except ImportError:  # TEMPORARY until resnetkit.data lands (being written in parallel)
-        CUB200 = _CUBFallback
+    from resnetkit.data import CUB200
+
     cub = CUB200(root, split)
     boxes = _xywh_to_xyxy(torch.as_tensor(cub.boxes, dtype=torch.float32).reshape(-1, 4))
     paths = [Path(p) for p, _ in cub.samples]
@@ -376,27 +374,6 @@ def read_cub(root: str | Path, split: str, class_agnostic: bool = True) -> Detec
         classes = list(cub.classes)
         labels = [torch.tensor([label + 1], dtype=torch.int64) for _, label in cub.samples]
     return DetectionDataset(paths, [b[None] for b in boxes], labels, classes, source=f"{root} ({split})")
-
-
-class _CUBFallback:
-    """TEMPORARY stand-in for resnetkit.data.CUB200 (same attributes); removed when the data module lands."""
-
-    def __init__(self, root, split):
-        root = Path(root)
-        rows = {
-            n: dict(line.split(" ", 1) for line in (root / f"{n}.txt").read_text().splitlines() if line.strip())
-            for n in ("images", "image_class_labels", "train_test_split", "bounding_boxes")
-        }
-        classes = [line.split(" ", 1)[1] for line in (root / "classes.txt").read_text().splitlines() if line.strip()]
-        ids = sorted(rows["images"], key=int)
-        want = "1" if split == "train" else "0"
-        ids = [i for i in ids if rows["train_test_split"][i].strip() == want]
-        used = sorted({int(rows["image_class_labels"][i]) for i in rows["images"]})
-        self.classes = [classes[c - 1] for c in used]
-        self.samples = [
-            (root / "images" / rows["images"][i].strip(), used.index(int(rows["image_class_labels"][i]))) for i in ids
-        ]
-        self.boxes = torch.tensor([[float(v) for v in rows["bounding_boxes"][i].split()] for i in ids])
 
 
 def load_detection_data(
@@ -415,7 +392,7 @@ def load_detection_data(
             raise ValueError(f"{source}: expected a COCO .json file, a folder of <split>.json files, or a CUB root")
         ds = read_coco(source)
     elif source.is_dir():
-        if (source / "bounding_boxes.txt").is_file():
+        if (source / "bounding_boxes.txt").is_file() or (source / "CUB_200_2011" / "bounding_boxes.txt").is_file():
             ds = read_cub(source, "test" if split == "val" else split, class_agnostic=class_agnostic)
         else:
             names = [split] + {"val": ["test"], "test": ["val"]}.get(split, [])
