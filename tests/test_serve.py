@@ -389,3 +389,59 @@ def test_web_page_shows_bars_and_overlay(server, photos, chromium, tmp_path):
     assert len(labels) == 5 and labels[0] == "mobile home"
     assert widths == sorted(widths, reverse=True) and widths[0] > 0
     assert Image.open(tmp_path / "web.png").size == (1100, 620)
+
+
+class ThreadServer:
+    """uvicorn serving an app object on a loopback port from a thread of this process."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=int(self.url.rsplit(":", 1)[1]), log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        return self.url
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_onnxruntime_backend_agrees_with_torch(server, photos, trained_checkpoint, tmp_path):
+    """--backend onnxruntime on the checkpoint (exported and checked on load), and on a bare exported .onnx file."""
+    from resnetkit.deploy.export import export_model
+    from resnetkit.deploy.serve import ServeConfig, create_app, load_predictor
+
+    torch_answers = post_images(server, photos).json()["predictions"]
+    checked = ServeConfig(checkpoint=str(trained_checkpoint), backend="onnxruntime", threads=1)
+    predictor, eager = load_predictor(checked)
+    assert type(predictor.model).__name__ == "OnnxRuntimeModel"
+    onnx_path = tmp_path / "model.onnx"
+    export_model(eager, onnx_path, "onnx", predictor.preprocess, predictor.classes, model_name="resnet18")
+    bare = ServeConfig(checkpoint=str(onnx_path), backend="onnxruntime", threads=1)
+    for config, (served, explainer) in ((checked, (predictor, eager)), (bare, load_predictor(bare))):
+        with ThreadServer(create_app(served, config, explainer)) as url:
+            info = httpx.get(f"{url}/v1/model").json()
+            assert info["backend"] == "onnxruntime" and info["classes"] == predictor.classes
+            answers = post_images(url, photos).json()["predictions"]
+            for got, want in zip(answers, torch_answers):
+                assert [p["index"] for p in got["top_k"]] == [p["index"] for p in want["top_k"]]
+                assert got["top_k"][0]["prob"] == pytest.approx(want["top_k"][0]["prob"], abs=1e-4)
+            cam = httpx.post(f"{url}/v1/explain", files={"file": (photos[0].name, photos[0].read_bytes())})
+            if explainer is None:  # a bare ONNX file has no eager model to take gradients of
+                assert cam.status_code == 501 and "Grad-CAM" in cam.json()["error"]
+            else:
+                assert cam.status_code == 200 and cam.json()["index"] == 0
+    with pytest.raises(ValueError, match="--backend onnxruntime"):
+        load_predictor(ServeConfig(checkpoint=str(onnx_path), backend="torch"))

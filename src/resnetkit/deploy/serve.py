@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -303,23 +304,33 @@ async def _send_json(send, status: int, body: dict) -> None:
 # ---------------------------------------------------------------------------------------------------- the app
 
 
-def _torch_model(predictor: Predictor, config: ServeConfig) -> nn.Module | None:
-    """The eager model Grad-CAM needs (the predictor's own one, or the checkpoint's under onnxruntime)."""
-    if isinstance(predictor.model, nn.Module):
-        return predictor.model
-    from resnetkit.checkpoint import model_from_checkpoint
+def load_predictor(config: ServeConfig) -> tuple[Predictor, nn.Module | None]:
+    """The Predictor to serve and the eager model Grad-CAM needs (None when serving a bare .onnx file).
 
-    return model_from_checkpoint(config.checkpoint)[0]
+    A .pt checkpoint under the onnxruntime backend is exported to ONNX first (`export_model`, which checks the
+    exported logits against the eager model's) and served from an onnxruntime session.
+    """
+    from resnetkit.deploy.engine import OnnxRuntimeModel
 
-
-def load_predictor(config: ServeConfig) -> Predictor:
-    """The checkpoint's Predictor, running on the eager model or on an onnxruntime session of it."""
-    predictor = Predictor.from_checkpoint(config.checkpoint)
+    path = Path(config.checkpoint)
+    if path.suffix == ".onnx":
+        if config.backend != "onnxruntime":
+            raise ValueError(f"{path} is an ONNX file: serve it with --backend onnxruntime")
+        engine = OnnxRuntimeModel(path, threads=config.threads or None)
+        if not engine.preprocess or not engine.classes:
+            raise ValueError(f"{path} lacks resnetkit metadata (preprocess, classes): write it with `resnetkit export`")
+        name = engine.metadata.get("model_name") or path.stem
+        return Predictor(engine, engine.preprocess, engine.classes, name=name), None
+    predictor = Predictor.from_checkpoint(path)
+    eager = predictor.model
     if config.backend == "onnxruntime":
-        from resnetkit.deploy.engine import OnnxRuntimeModel
+        from resnetkit.deploy.export import export_model
 
-        predictor.model = OnnxRuntimeModel.from_model(predictor.model, predictor.input_size)
-    return predictor
+        with tempfile.TemporaryDirectory(prefix="resnetkit-serve-") as tmp:
+            onnx = Path(tmp) / f"{predictor.name}.onnx"
+            export_model(eager, onnx, "onnx", predictor.preprocess, predictor.classes, model_name=predictor.name)
+            predictor.model = OnnxRuntimeModel(onnx, threads=config.threads or None)  # the session holds the graph
+    return predictor, eager
 
 
 def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Module | None = None):
@@ -328,7 +339,8 @@ def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Modu
 
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-    explain_model = explain_model if explain_model is not None else _torch_model(predictor, config)
+    if explain_model is None and isinstance(predictor.model, nn.Module):
+        explain_model = predictor.model
     state: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
@@ -428,6 +440,8 @@ def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Modu
 
     @app.post("/v1/explain", summary="Grad-CAM overlay of the top class (multipart field `file`), base64 PNG")
     async def explain(file: UploadFile = File(..., description="one image file")):
+        if explain_model is None:
+            raise HTTPException(501, "Grad-CAM needs the eager model: serve the .pt checkpoint, not an .onnx file")
         (image,) = await read_images([file])
         result = await asyncio.get_running_loop().run_in_executor(executor, _explain, explain_model, predictor, image)
         return result
@@ -469,7 +483,8 @@ def app_from_env():
     """uvicorn factory for `--workers N`: each worker process builds its app from the JSON config in the env."""
     config = ServeConfig(**json.loads(os.environ[CONFIG_ENV]))
     torch.set_num_threads(config.threads or 1)
-    return create_app(load_predictor(config), config)
+    predictor, eager = load_predictor(config)
+    return create_app(predictor, config, eager)
 
 
 def serve(
@@ -484,7 +499,8 @@ def serve(
     config.threads = config.threads or max(1, (os.cpu_count() or 1) // workers)
     torch.set_num_threads(config.threads)
     if workers == 1:
-        app = create_app(load_predictor(config), config)
+        predictor, eager = load_predictor(config)
+        app = create_app(predictor, config, eager)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
         return
     os.environ[CONFIG_ENV] = json.dumps(asdict(config))
