@@ -151,3 +151,65 @@ def overlay(
     colored = matplotlib.colormaps[colormap](heat)[..., :3].astype(np.float32)
     blended = (1 - alpha) * rgb + alpha * colored
     return Image.fromarray((blended.clip(0, 1) * 255).round().astype(np.uint8))
+
+
+def explain_top_k(
+    model: nn.Module,
+    image: Image.Image,
+    preprocess: dict,
+    classes: Sequence[str],
+    top_k: int = 3,
+    layer: str | None = None,
+) -> tuple[Image.Image, list[dict]]:
+    """Grad-CAM for the `top_k` most probable classes of one image.
+
+    Returns the image as the model saw it (resized and centre-cropped, un-normalised) and, per class, a dict with
+    `class`, `index`, `probability` and `heatmap` ((H, W) at the model's input resolution, aligned with that view).
+    """
+    from resnetkit.data import eval_transform_from
+
+    x = eval_transform_from(preprocess)(image).unsqueeze(0)
+    device = next(model.parameters()).device
+    x = x.to(device)
+    with torch.no_grad():
+        probs = model.eval()(x).float().softmax(1)[0]
+    if len(classes) != probs.numel():
+        raise ValueError(f"{len(classes)} class names for a model with {probs.numel()} outputs")
+    top = probs.topk(min(top_k, probs.numel()))
+    entries = []
+    for p, i in zip(top.values.tolist(), top.indices.tolist()):
+        heat = gradcam(model, x, class_idx=i, layer=layer)[0].cpu()
+        entries.append({"class": classes[i], "index": i, "probability": p, "heatmap": heat})
+    mean = torch.tensor(preprocess["mean"]).view(3, 1, 1)
+    std = torch.tensor(preprocess["std"]).view(3, 1, 1)
+    view = (x[0].cpu() * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(view), entries
+
+
+def plot_explanation(view: Image.Image, entries: list[dict], path, title: str = "", alpha: float = 0.5):
+    """One figure: the image, then its overlay for each entry, titled with class and probability. Small inputs
+    (32 px) are enlarged to at least 192 px per panel, pixels kept sharp, so the heatmap can be read."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    side = max(view.size)
+    scale = max(1, -(-192 // side))  # ceil(192 / side)
+    shown = view.resize((view.width * scale, view.height * scale), Image.NEAREST) if scale > 1 else view
+    panels = len(entries) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(2.6 * panels, 3.0), squeeze=False, layout="constrained")
+    axes = axes[0]
+    axes[0].imshow(shown)
+    axes[0].set_title("input", fontsize=10)
+    for ax, entry in zip(axes[1:], entries):
+        ax.imshow(overlay(shown, entry["heatmap"], alpha=alpha))
+        name = entry["class"] if len(entry["class"]) <= 22 else entry["class"][:21] + "…"
+        ax.set_title(f"{name}: {entry['probability']:.1%}", fontsize=10)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -101,7 +101,10 @@ class ClassificationMetrics:
         self.bin_correct += torch.zeros_like(self.bin_correct).index_add_(0, bins, correct.double())
 
         if self.keep_worst:
-            wrong = (~correct).nonzero().flatten().tolist()
+            wrong = (~correct).nonzero().flatten()
+            if len(self.worst) == self.keep_worst:  # only mistakes more confident than the weakest one kept
+                wrong = wrong[confidence[wrong] > self.worst[-1][0]]
+            wrong = wrong[confidence[wrong].argsort(descending=True)[: self.keep_worst]].tolist()
             for i in wrong:
                 image = images[i].detach().cpu() if images is not None else None
                 self.worst.append((float(confidence[i]), int(targets[i]), int(predicted[i]), image))

@@ -1,0 +1,268 @@
+"""Evaluate a classifier over a whole split: every metric of `resnetkit.metrics`, plus the figures.
+
+    resnetkit eval --checkpoint runs/demo/best.pt --split test --tta flip --out runs/demo/eval
+    resnetkit eval --model resnet50 --weights resnet50.pth --data imagenet-folder/
+
+    >>> import resnetkit
+    >>> result = resnetkit.evaluate("runs/demo/best.pt", out_dir="runs/demo/eval")
+    >>> result["top1"], result["ece"]
+
+Under DDP (torch.distributed initialised, e.g. by torchrun) each rank evaluates every world_size-th sample, with
+no padding duplicates, and the metric counters are summed across ranks: the numbers equal a single-process run.
+Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from resnetkit.metrics import ClassificationMetrics
+
+TTA_CHOICES = (None, "flip")
+WORST_SHOWN = 25  # misclassified images kept for the grid: 5 x 5
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            index = int(os.environ.get("LOCAL_RANK", 0)) if dist.is_available() and dist.is_initialized() else 0
+            return torch.device("cuda", index)
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def default_preprocess(model_name: str) -> dict[str, Any]:
+    """The evaluation preprocessing a bare model gets: the `cifar` preset for the CIFAR family (32 px), the
+    ImageNet one (resize 256, centre crop 224) for the rest."""
+    from resnetkit.data import preprocess_info
+    from resnetkit.registry import default_input_size, model_family
+
+    if model_family(model_name) == "cifar":
+        return preprocess_info("cifar")
+    return preprocess_info("imagenet", input_size=default_input_size(model_name))
+
+
+def load_bare_model(model_name: str, weights: str | Path, num_classes: int) -> nn.Module:
+    """A registered model with `weights` (state dict, training checkpoint or .safetensors) whose head must have
+    `num_classes` outputs; a head of another size is an error (its scores would be meaningless), not replaced."""
+    from resnetkit.models import create_model, load_weights
+
+    model = create_model(model_name, num_classes=num_classes)
+    load_weights(model, str(weights))
+    return model.eval()
+
+
+def _label_map(data_classes: list[str], model_classes: list[str], data: str) -> torch.Tensor:
+    """Dataset label -> model class index, matched by name (a dataset holding a subset of the classes is fine)."""
+    if list(data_classes) == list(model_classes):
+        return torch.arange(len(model_classes))
+    index = {name: i for i, name in enumerate(model_classes)}
+    missing = [name for name in data_classes if name not in index]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5]) + (f" ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise ValueError(
+            f"data {data}: classes {shown} are not among the model's {len(model_classes)} classes "
+            f"({', '.join(model_classes[:5])}{' ...' if len(model_classes) > 5 else ''})"
+        )
+    return torch.tensor([index[name] for name in data_classes])
+
+
+def _data_from_checkpoint(ckpt: dict, path: str) -> tuple[str, str | None]:
+    data_cfg = (ckpt.get("config") or {}).get("data") or {}
+    if not data_cfg.get("name"):
+        raise ValueError(f"{path} does not record its dataset (config.data.name): pass --data")
+    return data_cfg["name"], data_cfg.get("root")
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor, tta: str | None) -> torch.Tensor:
+    """Logits, or with tta="flip" the log of the softmax averaged over the image and its mirror image."""
+    logits = model(images)
+    if tta is None:
+        return logits
+    probs = (logits.float().softmax(1) + model(images.flip(-1)).float().softmax(1)) / 2
+    return probs.log()
+
+
+def evaluate(
+    checkpoint_or_model: str | Path | nn.Module,
+    data: str | Path | None = None,
+    split: str = "test",
+    tta: str | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    classes: list[str] | None = None,
+    preprocess: dict[str, Any] | None = None,
+    root: str | Path | None = None,
+    batch_size: int = 128,
+    workers: int = 2,
+    device: str | torch.device | None = "auto",
+    use_ema: bool = False,
+    model_name: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate over the whole split and return eval.json's contents; with `out_dir`, write eval.json,
+    confusion_matrix.png/.csv, reliability.png and misclassified.png there.
+
+    checkpoint_or_model: a training checkpoint (classes, preprocessing and default dataset come from it) or a
+        model, for which `preprocess` is needed and `classes` default to the dataset's.
+    data: a dataset name or folder (see `resnetkit.data.build_dataset`); default: the checkpoint's training data.
+    tta: None, or "flip" (average the softmax over the image and its horizontal mirror).
+    model_name: how eval.json names a model object (default: its class name).
+    """
+    from resnetkit.checkpoint import model_from_checkpoint
+    from resnetkit.data import build_dataset, collate_skipping, eval_transform_from
+
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta!r}")
+    started = time.time()
+    info: dict[str, Any] = {}
+    if isinstance(checkpoint_or_model, nn.Module):
+        model = checkpoint_or_model
+        if preprocess is None:
+            raise ValueError(
+                "evaluating a model object needs preprocess= (a checkpoint's 'preprocess' dict, or "
+                "resnetkit.data.preprocess_info(preset))"
+            )
+        if data is None:
+            raise ValueError("evaluating a model object needs data= (a dataset name or folder)")
+        info.update(checkpoint=None, model=model_name or type(model).__name__)
+    else:
+        model, ckpt = model_from_checkpoint(checkpoint_or_model, use_ema=use_ema)
+        classes = classes or ckpt.get("classes")
+        preprocess = preprocess or ckpt.get("preprocess")
+        if preprocess is None:
+            raise ValueError(f"{checkpoint_or_model} has no 'preprocess' entry: pass preprocess=")
+        if data is None:
+            data, root = _data_from_checkpoint(ckpt, str(checkpoint_or_model))
+        info.update(checkpoint=str(checkpoint_or_model), model=ckpt["model_name"], epoch=ckpt.get("epoch"))
+
+    image_size = preprocess["input_size"] if str(data) == "shapes" else None
+    dataset = build_dataset(data, split, root=root, transform=eval_transform_from(preprocess), image_size=image_size)
+    classes = list(classes or dataset.classes)
+    label_map = _label_map(dataset.classes, classes, str(data))
+
+    rank, world_size = _rank_world()
+    indices = list(range(rank, len(dataset), world_size))  # a strided shard: every sample exactly once overall
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_skipping,
+    )
+    device = resolve_device(device)
+    was_training = model.training
+    model.to(device).eval()
+    metrics = ClassificationMetrics(len(classes), keep_worst=WORST_SHOWN)
+    skipped: list[tuple[str, str]] = []
+    with _progress(len(loader), f"eval {split}", progress and rank == 0) as bar:
+        for images, labels, bad in loader:
+            skipped += bad
+            if len(labels):
+                logits = predict_logits(model, images.to(device, non_blocking=True), tta)
+                metrics.update(logits, label_map[labels], images)
+            bar.update(1)
+    model.train(was_training)
+
+    result: dict[str, Any] = {
+        **info,
+        "data": str(data),
+        "split": split,
+        "tta": tta,
+        "num_classes": len(classes),
+        "classes": classes,
+        "preprocess": preprocess,
+        **metrics.compute(classes),
+    }
+    result["top_confusions"] = top_confusions(result["confusion_matrix"], classes)
+    worst = metrics.gathered_worst()
+    result["misclassified"] = [{"true": classes[t], "predicted": classes[p], "confidence": c} for c, t, p, _ in worst]
+    result["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
+    result["device"] = str(device)
+    result["world_size"] = world_size
+    result["seconds"] = round(time.time() - started, 3)
+    if out_dir is not None and rank == 0:
+        write_outputs(result, worst, preprocess, out_dir)
+    return result
+
+
+class _progress:
+    """A Progress bar from the training monitor when asked for, otherwise nothing."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from resnetkit.train.monitor import Progress
+
+            self.bar = Progress(total, desc)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def top_confusions(confusion: list[list[int]], classes: list[str], n: int = 10) -> list[dict[str, Any]]:
+    """The `n` largest off-diagonal cells: which true class is most often taken for which other class."""
+    matrix = torch.tensor(confusion)
+    matrix.fill_diagonal_(0)
+    counts, flat = matrix.flatten().topk(min(n, matrix.numel()))
+    size = matrix.shape[1]
+    return [
+        {"true": classes[int(i) // size], "predicted": classes[int(i) % size], "count": int(c)}
+        for c, i in zip(counts, flat)
+        if c > 0
+    ]
+
+
+def denormalise(images: torch.Tensor, preprocess: dict[str, Any]) -> torch.Tensor:
+    """Normalised float images (N, 3, H, W) back to uint8 RGB for display."""
+    mean = torch.tensor(preprocess["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess["std"]).view(1, 3, 1, 1)
+    return (images.float().cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def write_outputs(result: dict[str, Any], worst: list, preprocess: dict[str, Any], out_dir: str | Path) -> Path:
+    """eval.json, confusion_matrix.csv/.png, reliability.png and misclassified.png in `out_dir`."""
+    from resnetkit import report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = result["classes"]
+    report.write_confusion_csv(result["confusion_matrix"], classes, out / "confusion_matrix.csv")
+    report.plot_confusion_matrix(
+        result["confusion_matrix"],
+        classes,
+        out / "confusion_matrix.png",
+        title=f"{result['model']} on {Path(result['data']).name} {result['split']}: top-1 {result['top1']:.1%}",
+    )
+    report.plot_reliability(result["calibration"], result["ece"], out / "reliability.png")
+    shown = [w for w in worst if w[3] is not None]
+    images = denormalise(torch.stack([w[3] for w in shown]), preprocess) if shown else torch.zeros(0, 3, 1, 1)
+    labels = [(classes[t], classes[p], c) for c, t, p, _ in shown]
+    report.plot_misclassified(images, labels, out / "misclassified.png")
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return out
