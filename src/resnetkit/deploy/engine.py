@@ -1,0 +1,146 @@
+"""Fast CPU inference: BatchNorm folded into the convolutions, channels_last, inference mode; and onnxruntime.
+
+    >>> fast = optimize_for_cpu(model)            # same logits as model(x) within 1e-4, about 2-3x faster on CPU
+    >>> logits = fast(images)                     # float NCHW batch in, logits out
+    >>> ort_model = OnnxRuntimeModel("model.onnx")  # from `resnetkit export --format onnx`
+    >>> logits = ort_model(images)                # same call, a torch tensor back
+
+Why these steps: in eval mode a BatchNorm is a per-channel affine map, so it folds exactly into the weights and bias
+of the convolution before it (one pass over the activations saved per BN). oneDNN's convolutions run fastest on
+NHWC ("channels_last") tensors; with NCHW inputs PyTorch reorders every activation before and after each conv.
+`torch.inference_mode` skips autograd's version counters and view tracking.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` (in eval mode) with every BatchNorm that directly follows a convolution folded into it.
+
+    Traces the model with torch.fx and folds each `conv -> bn` edge where the BN is the conv's only user; BNs that
+    follow something else (DenseNet's pre-activation BN-ReLU-conv) are kept as they are. Models that torch.fx cannot
+    trace fall back to folding `convN`/`bnN` attribute pairs (torchvision's naming) by module surgery.
+    """
+    model = copy.deepcopy(model).eval()
+    try:
+        graph_module = torch.fx.symbolic_trace(model)
+    except Exception:  # data-dependent control flow: fold the attribute pairs we can find instead
+        return _fold_named_pairs(model)
+    modules = dict(graph_module.named_modules())
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+            continue
+        conv_node = node.args[0]
+        if not (isinstance(conv_node, torch.fx.Node) and conv_node.op == "call_module"):
+            continue
+        conv, bn = modules[conv_node.target], modules[node.target]
+        if not isinstance(conv, nn.Conv2d) or len(conv_node.users) > 1 or not bn.track_running_stats:
+            continue
+        fused = fuse_conv_bn_eval(conv, bn)
+        _set_submodule(graph_module, conv_node.target, fused)
+        modules[conv_node.target] = fused
+        node.replace_all_uses_with(conv_node)
+        graph_module.graph.erase_node(node)
+    graph_module.graph.lint()
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
+    return graph_module
+
+
+def _fold_named_pairs(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if name.startswith("bn") and isinstance(child, nn.BatchNorm2d):
+                conv = getattr(module, "conv" + name[2:], None)
+                if isinstance(conv, nn.Conv2d):
+                    setattr(module, "conv" + name[2:], fuse_conv_bn_eval(conv, child))
+                    setattr(module, name, nn.Identity())
+    return model
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+class OptimizedModel(nn.Module):
+    """Wraps a BN-folded channels_last model: takes any float NCHW batch, runs it in inference mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
+def optimize_for_cpu(model: nn.Module) -> OptimizedModel:
+    """The fastest fp32 eager path measured on this project's CPUs: BN folded, channels_last, inference mode.
+
+    Returns a new module (the original is untouched) whose outputs match `model.eval()(x)` within 1e-4.
+    """
+    folded = fold_batchnorm(model)
+    return OptimizedModel(folded.to(memory_format=torch.channels_last)).eval()
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # ORT_ENABLE_ALL adds the layout optimisations (NCHWc blocked convolutions) on top of the constant folding and
+    # Conv+BN / Conv+Relu / Conv+Add fusions of the basic and extended levels.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return options
+
+
+class OnnxRuntimeModel:
+    """An ONNX file behind an onnxruntime CPU session with every graph optimisation on.
+
+    Callable like a torch model: a float NCHW batch (torch tensor or numpy array) in, logits (torch tensor) out.
+    `preprocess` and `classes` come from the metadata `resnetkit export` embeds (None when the file has none).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {path}")
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ValueError(f"onnxruntime cannot load {path}: {e}") from e
+        self.path = path
+        self.input_name = self.session.get_inputs()[0].name
+        meta = self.session.get_modelmeta().custom_metadata_map
+        info = json.loads(meta["resnetkit"]) if "resnetkit" in meta else {}
+        self.metadata: dict = info
+        self.preprocess: dict | None = info.get("preprocess")
+        self.classes: list[str] | None = info.get("classes")
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().float().contiguous().numpy()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeModel({str(self.path)!r})"
