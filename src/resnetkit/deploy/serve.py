@@ -513,6 +513,8 @@ def serve(
         workers=workers,
         log_level=log_level,
         timeout_graceful_shutdown=5,
+        # A worker loading torch and its model on a busy machine misses uvicorn's default 5 s ping and is restarted.
+        timeout_worker_healthcheck=60,
     )
 
 
