@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "resnetkit.train.cli",  # train
     "resnetkit.eval_cli",  # eval, report, explain
     "resnetkit.deploy.serve_cli",  # predict, serve
+    "resnetkit.deploy.export_cli",  # export, bench infer
     "resnetkit.tasks.detection_cli",  # detect train|eval|predict
 ]
 
