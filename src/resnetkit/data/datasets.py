@@ -424,8 +424,9 @@ class CUB200(_FileDataset):
 
 
 class Shapes(torch.utils.data.Dataset):
-    """The built-in shapes dataset (see `synthetic.py`), rendered on first use. `.masks` (N, H, W) gives each pixel's
-    class index + 1 on the shape, 0 on the background."""
+    """The built-in shapes dataset (see `synthetic.py`). Single samples are rendered on demand; `.masks` and the
+    fast pipeline render the whole split once. `.masks` (N, H, W) gives each pixel's class index + 1 on the shape,
+    0 on the background."""
 
     def __init__(
         self,
@@ -435,12 +436,13 @@ class Shapes(torch.utils.data.Dataset):
         seed: int = 0,
         transform: Callable | None = None,
     ):
-        from resnetkit.data.synthetic import SHAPE_CLASSES
+        from resnetkit.data.synthetic import SHAPE_CLASSES, shape_labels
 
         self.split = "train" if split == "train" else "test"
         self.image_size, self.seed, self.transform = image_size, seed, transform
         self.num_samples = SHAPES_SIZES[self.split] if num_samples is None else num_samples
         self.classes = list(SHAPE_CLASSES)
+        self.targets = shape_labels(self.num_samples, seed, self.split).tolist()
         self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _render(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -451,10 +453,6 @@ class Shapes(torch.utils.data.Dataset):
         return self._tensors
 
     @property
-    def targets(self) -> list[int]:
-        return self._render()[1].tolist()
-
-    @property
     def masks(self) -> torch.Tensor:
         return self._render()[2]
 
@@ -462,11 +460,18 @@ class Shapes(torch.utils.data.Dataset):
         return self.num_samples
 
     def load(self, index: int) -> Image.Image:
-        return Image.fromarray(self._render()[0][index].permute(1, 2, 0).numpy())
+        if self._tensors is not None:
+            return Image.fromarray(self._tensors[0][index].permute(1, 2, 0).numpy())
+        from resnetkit.data.synthetic import render_shape
+
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"shapes {self.split}: index {index} out of range ({self.num_samples} images)")
+        image, _ = render_shape(index, self.targets[index], self.image_size, self.seed, self.split)
+        return Image.fromarray(image)
 
     def __getitem__(self, index: int):
         img = self.load(index)
-        return (self.transform(img) if self.transform else img), int(self._render()[1][index])
+        return (self.transform(img) if self.transform else img), self.targets[index]
 
     def cache_key(self) -> str:
         from resnetkit.data.synthetic import GENERATOR_VERSION
@@ -528,13 +533,18 @@ def build_dataset(
     """A dataset by name (`shapes`, `cifar10`, `cifar100`, `cub200`, looked up under `root`) or by path (an
     ImageFolder root with train/ and val/ or test/, a CUB-200-2011 root, or a CIFAR python-layout folder).
 
-    `image_size`: the render size of shapes (default 32); for other datasets, resize the shorter side to it.
-    `crop_to_box`: CUB only. Splits: train, val, test (val and test are the same for shapes, CIFAR and CUB).
+    `shapes` has 10,000 training and 2,000 test images; `shapes:N` has N training and N // 5 test images (small
+    runs and tests). `image_size`: the render size of shapes (default 32); for other datasets, resize the shorter side
+    to it. `crop_to_box`: CUB only. Splits: train, val, test (val and test are the same for shapes, CIFAR and CUB).
     """
     split = _check_split(split)
     name = str(name_or_path)
-    if name == "shapes":
-        return Shapes(split, image_size or 32, transform=transform)
+    if name == "shapes" or name.startswith("shapes:"):
+        count = name.partition(":")[2]
+        if count and not (count.isdigit() and int(count) >= 10):
+            raise ValueError(f"dataset {name!r}: write shapes:N with N >= 10 training images, e.g. shapes:2000")
+        num = None if not count else int(count) if split == "train" else max(10, int(count) // 5)
+        return Shapes(split, image_size or 32, num_samples=num, transform=transform)
     if name in BUILTIN:
         path, kind = Path(root).expanduser() if root else default_root() / name, name
         if kind == "cub200" and not path.exists():

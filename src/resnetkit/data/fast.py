@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ def _decode(path: str, size: int | None, max_pixels: int) -> torch.Tensor:
 
     img = None
     try:
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)  # still the fastest decoder here
         data = read_file(path)
         if data.numel() > 0:
             img = decode_image(data, mode=ImageReadMode.RGB)

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 SHAPE_CLASSES = ["circle", "triangle", "square", "pentagon", "star", "cross", "ring", "crescent", "heart", "arrow"]
 # Bump when the rendering changes: caches of rendered shapes are keyed by it.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 # Supersampling factor for anti-aliased edges; the mask is the shape's coverage >= 1/2.
 _SS = 4
 _SPLIT_STREAM = {"train": 0, "val": 1, "test": 1}
@@ -138,27 +138,42 @@ def _render_one(rng: np.random.Generator, label: int, size: int) -> tuple[np.nda
     return (image * 255 + 0.5).astype(np.uint8), alpha >= 0.5
 
 
+def shape_labels(n: int, seed: int = 0, split: str = "train") -> np.ndarray:
+    """The labels of the first n images: each run of 10 consecutive images holds every class once, in a seeded
+    random order, so classes are balanced and a label does not depend on n."""
+    if split not in _SPLIT_STREAM:
+        raise ValueError(f"shapes: unknown split {split!r}; expected one of {sorted(_SPLIT_STREAM)}")
+    k = len(SHAPE_CLASSES)
+    blocks = [np.random.default_rng([seed, _SPLIT_STREAM[split], b]).permutation(k) for b in range(-(-n // k))]
+    return np.concatenate(blocks)[:n] if blocks else np.zeros(0, dtype=np.int64)
+
+
+def render_shape(
+    index: int, label: int, image_size: int, seed: int = 0, split: str = "train"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image `index` of a split: uint8 (H, W, 3) and its mask (H, W). Each image has its own random stream, so any
+    one can be rendered alone (datasets render lazily) and the result does not depend on n."""
+    rng = np.random.default_rng([seed, _SPLIT_STREAM[split], image_size, index])
+    image, inside = _render_one(rng, int(label), image_size)
+    return image, inside.astype(np.uint8) * np.uint8(label + 1)
+
+
 def render_shapes(
     n: int, image_size: int = 32, seed: int = 0, split: str = "train"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Render n shapes images: uint8 images (N, 3, H, W), int64 labels (N,), uint8 masks (N, H, W).
 
-    A mask holds the class index + 1 on the shape's pixels and 0 on the background. Classes are balanced (image i
-    has class i % 10 before shuffling). The same (n, image_size, seed, split) always gives the same tensors, and the
-    train and test splits of one seed are drawn from different random streams.
+    A mask holds the class index + 1 on the shape's pixels and 0 on the background. Classes are balanced. The same
+    (n, image_size, seed, split) always gives the same tensors, and the train and test splits of one seed are drawn
+    from different random streams.
     """
-    if split not in _SPLIT_STREAM:
-        raise ValueError(f"shapes: unknown split {split!r}; expected one of {sorted(_SPLIT_STREAM)}")
     if n < 0 or image_size < 8:
         raise ValueError(f"shapes: need n >= 0 and image_size >= 8, got n={n}, image_size={image_size}")
-    rng = np.random.default_rng([seed, _SPLIT_STREAM[split], image_size])
-    labels = np.arange(n) % len(SHAPE_CLASSES)
-    rng.shuffle(labels)
+    labels = shape_labels(n, seed, split)
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
-    masks = np.zeros((n, image_size, image_size), dtype=np.uint8)
+    masks = np.empty((n, image_size, image_size), dtype=np.uint8)
     for i, label in enumerate(labels):
-        images[i], inside = _render_one(rng, int(label), image_size)
-        masks[i][inside] = label + 1
+        images[i], masks[i] = render_shape(i, label, image_size, seed, split)
     return (
         torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
         torch.from_numpy(labels).long(),
