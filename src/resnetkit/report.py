@@ -78,8 +78,12 @@ def plot_confusion_matrix(confusion: list[list[int]], classes: list[str], path: 
     matrix = normalised[order][:, order]
     names = [classes[i] for i in order]
 
+    from matplotlib.colors import Normalize, PowerNorm
+
     fig, ax = plt.subplots(figsize=confusion_figsize(num_classes), layout="constrained")
-    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    # With many classes most mass sits in small off-diagonal fractions: a square-root scale makes them visible.
+    norm = PowerNorm(0.5, vmin=0, vmax=1) if num_classes > MANY_CLASSES else Normalize(vmin=0, vmax=1)
+    image = ax.imshow(matrix, cmap="Blues", norm=norm, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="fraction of the true class")
     if num_classes <= MANY_CLASSES:
         ticks = np.arange(num_classes)
@@ -109,7 +113,8 @@ def plot_confusion_matrix(confusion: list[list[int]], classes: list[str], path: 
     if num_classes <= MANY_CLASSES:
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
-    ax.set_title(title + ("\n" if title else "") + "row-normalised %, classes sorted by recall", fontsize=10)
+    scale = " (square-root colour scale)" if num_classes > MANY_CLASSES else ""
+    ax.set_title(f"{title}\n" * bool(title) + f"row-normalised %, classes sorted by recall{scale}", fontsize=10)
     return _save(fig, path)
 
 
