@@ -1,0 +1,160 @@
+"""The CPU inference engine: BN folding, the optimised path, onnxruntime, int8, and `resnetkit bench infer`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from resnetkit.cli import main
+from resnetkit.deploy.engine import OnnxRuntimeModel, fold_batchnorm, optimize_for_cpu
+from resnetkit.deploy.export import export_model
+from resnetkit.deploy.quantize import quantize_model, top1_agreement
+from resnetkit.models import create_model
+
+
+def trained_looking(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so that folding BN really changes the weights."""
+    generator = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=generator) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=generator) * 0.4 - 0.2)
+    return model.eval()
+
+
+def count(model: nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+@pytest.mark.parametrize("name, size", [("resnet18", 64), ("resnet20", 32)])
+def test_fold_batchnorm_keeps_outputs_and_leaves_original_alone(name, size):
+    model = trained_looking(create_model(name, num_classes=7))
+    folded = fold_batchnorm(model)
+    assert count(folded, nn.BatchNorm2d) == 0 and count(model, nn.BatchNorm2d) > 0
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+        assert (folded(x) - expected).abs().max().item() <= 1e-4
+        fast = optimize_for_cpu(model)
+        assert (fast(x) - expected).abs().max().item() <= 1e-4
+    kernels = [m.weight for m in fast.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert kernels and all(w.is_contiguous(memory_format=torch.channels_last) for w in kernels)
+    assert not kernels[0].is_contiguous()  # really NHWC, not NCHW
+
+
+def test_fold_batchnorm_keeps_a_bn_that_follows_no_conv():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    trained_looking(model)
+    folded = fold_batchnorm(model)
+    assert count(folded, nn.BatchNorm2d) == 1  # the pre-activation BN stays, the conv's BN is folded
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert (folded(x) - model(x)).abs().max().item() <= 1e-5
+
+
+def test_onnxruntime_model_takes_tensors_and_arrays_at_any_batch(tmp_path):
+    model = trained_looking(create_model("resnet20", num_classes=4))
+    export_model(model, tmp_path / "m.onnx", "onnx", {"input_size": 32, "mean": [0.5] * 3, "std": [0.2] * 3})
+    engine = OnnxRuntimeModel(tmp_path / "m.onnx", threads=1)
+    x = torch.randn(5, 3, 32, 32)
+    from_tensor, from_array = engine(x), engine(x.numpy().astype(np.float64))
+    assert isinstance(from_tensor, torch.Tensor) and from_tensor.shape == (5, 4)
+    assert torch.equal(from_tensor, from_array)
+    with torch.no_grad():
+        assert (from_tensor - model(x)).abs().max().item() <= 1e-4
+    assert engine.preprocess["input_size"] == 32 and engine.classes is None
+
+
+def test_onnxruntime_model_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ONNX model not found: .*nothing.onnx"):
+        OnnxRuntimeModel(tmp_path / "nothing.onnx")
+
+
+def separable(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0: dark noisy images, class 1: bright ones; the class is the sign of the mean pixel."""
+    labels = torch.arange(n) % 2
+    images = torch.randn(n, 3, 16, 16, generator=generator) * 0.5 + (labels.float() * 2 - 1).view(-1, 1, 1, 1)
+    return images, labels
+
+
+def test_int8_agrees_with_fp32_on_a_separable_task(tmp_path):
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = create_model("resnet20", num_classes=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(8):
+        images, labels = separable(32, generator)
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    calibration = [separable(32, generator)[0] for _ in range(2)]
+    held_out, labels = separable(64, generator)  # disjoint from the calibration images
+    with torch.no_grad():
+        fp32 = model(held_out)
+    assert (fp32.argmax(1) == labels).float().mean().item() >= 0.95, "fp32 model failed to learn the easy task"
+
+    int8 = quantize_model(model, calibration, tmp_path / "m.int8.onnx", {"input_size": 16}, ["dark", "bright"])
+    quantized = int8(held_out)
+    assert int8.classes == ["dark", "bright"]
+    assert top1_agreement(fp32, quantized) >= 0.98
+    assert (quantized - fp32).abs().max().item() > 0  # really quantised, not the fp32 graph again
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "m.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_top1_agreement():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.0, 3.0]])
+    b = torch.tensor([[0.9, 0.1], [1.0, 0.0], [3.0, 1.0], [0.0, 1.0]])
+    assert top1_agreement(a, b) == 0.75
+    with pytest.raises(ValueError, match="shapes differ"):
+        top1_agreement(a, b[:3])
+
+
+def test_bench_infer_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "infer", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model", "--batch", "--iters", "--backends"):
+        assert option in out
+
+
+def test_bench_infer_prints_one_table_with_every_backend(capsys):
+    argv = ["bench", "infer", "--model", "resnet18", "--batch", "1", "--iters", "1", "--input-size", "32", "--markdown"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| ") and "| 1 |" in line]
+    assert [line.split("|")[1].strip() for line in table] == [
+        "torchvision eager",
+        "resnetkit eager",
+        "resnetkit optimised",
+        "onnxruntime",
+        "int8",
+    ]
+    assert table[0].split("|")[5].strip() == "1.00x"  # the baseline's ratio to itself
+    for line in table:
+        images_per_s, roofline = float(line.split("|")[3]), line.split("|")[6].strip()
+        assert images_per_s > 0 and roofline.endswith("%")
+    assert "GEMM roofline" in out and "x torchvision eager" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "one"], "--batch wants comma-separated integers"),
+        (["--model", "resnet51"], "unknown model 'resnet51'"),
+        (["--backends", "tensorrt"], "unknown backend"),
+    ],
+)
+def test_bench_infer_bad_input(capsys, argv, message):
+    assert main(["bench", "infer", *argv]) == 2
+    assert message in capsys.readouterr().err
