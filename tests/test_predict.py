@@ -20,6 +20,15 @@ from resnetkit.models import create_model
 CLASSES = ["red", "green", "blue"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: two per process on a 2-core machine shared with other test runs wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A randomly initialised resnet20 (CIFAR preset, 32 px) saved the way `resnetkit train` saves one."""
@@ -147,6 +156,14 @@ def test_predict_model_with_weights_file(checkpoint, image_folder, tmp_path, cap
     # A bare state dict has no class names or preprocessing: numbered classes and ImageNet statistics at 32 px.
     predictor = Predictor.from_weights("resnet20", str(tmp_path / "bare.pt"))
     assert predictor.classes == ["0", "1", "2"] and predictor.input_size == 32
+
+
+def test_thousand_class_weights_get_imagenet_names(tmp_path, image_folder):
+    torch.save(create_model("resnet20", num_classes=1000).state_dict(), tmp_path / "w.pt")
+    predictor = Predictor.from_weights("resnet20", str(tmp_path / "w.pt"))
+    assert predictor.classes == imagenet_classes()
+    (top,) = predictor.predict([Image.open(image_folder / "img0.png")], top_k=3)
+    assert len(top) == 3 and all(name in predictor.classes for name, _ in top)
 
 
 def test_predict_bad_arguments_give_one_line(checkpoint, tmp_path, capsys):

@@ -260,6 +260,29 @@ def test_bad_inputs_get_4xx_json_and_the_server_keeps_serving(server, photos):
     assert "1200x1000" in post_images(server, [("big.png", big.getvalue())]).json()["error"]
 
 
+def test_chunked_oversize_upload_and_thin_images(server, photos):
+    """A body with no Content-Length is counted while it streams; a 60000x1 image is classified, not blown up to
+    gigabytes by the resize."""
+
+    def stream():
+        yield b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n'
+        for _ in range(MAX_REQUEST_MB * 4):
+            yield b"\0" * 2**20
+
+    response = httpx.post(
+        f"{server}/v1/predict",
+        content=stream(),
+        headers={"content-type": "multipart/form-data; boundary=xyz"},
+        timeout=60,
+    )
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+    thin = io.BytesIO()
+    Image.new("RGB", (60000, 1), "gray").save(thin, format="PNG")
+    response = post_images(server, [("thin.png", thin.getvalue())])
+    assert response.status_code == 200 and len(response.json()["predictions"][0]["top_k"]) == 5
+    assert post_images(server, [photos[3]]).json()["predictions"][0]["top_k"][0]["index"] == 3
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text format -> {'name{labels}': value}; every sample line must parse."""
     samples = {}

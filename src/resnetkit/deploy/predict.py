@@ -164,7 +164,7 @@ class Predictor:
 
     def to_tensor(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Preprocess PIL images into one normalised float batch."""
-        return torch.stack([self.transform(im.convert("RGB")) for im in images])
+        return torch.stack([self.transform(_trim_aspect(im.convert("RGB"))) for im in images])
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
@@ -185,6 +185,23 @@ class Predictor:
         if not images:
             return []
         return self.top_k(self.probabilities(self.to_tensor(images)), top_k)
+
+
+def _trim_aspect(image: Image.Image, max_ratio: float = 8.0) -> Image.Image:
+    """Centre-crop the long side of a pathologically thin image to `max_ratio` times the short one.
+
+    The evaluation transform (resize the short side, centre crop) only looks at the central square, but resizing a
+    64000x1 image first would allocate gigabytes: a cheap denial of service that the pixel limit does not catch.
+    Photos (up to 8:1 panoramas) pass untouched; thinner images may shift by a sub-pixel after resizing.
+    """
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    if long <= max_ratio * short:
+        return image
+    keep = round(max_ratio * short)
+    keep += (long - keep) % 2  # an even margin keeps the centre exactly where it was
+    margin = (long - keep) // 2
+    return image.crop((margin, 0, margin + keep, h) if w > h else (0, margin, w, margin + keep))
 
 
 def _head_size(state: dict[str, torch.Tensor]) -> int:

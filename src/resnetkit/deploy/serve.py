@@ -227,10 +227,6 @@ class MicroBatcher:
 # ---------------------------------------------------------------------------------------------------- ASGI layers
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class LimitsAndMetrics:
     """Outermost ASGI layer: refuses request bodies over `max_bytes` with 413 (by Content-Length before reading,
     and while reading for chunked uploads), and records every response's status and latency."""
@@ -246,43 +242,54 @@ class LimitsAndMetrics:
         start = time.perf_counter()
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
         status = {"code": 500, "sent": False}
+        received, too_large = 0, False
 
         async def send_tracking(message):
+            if too_large:
+                return  # the app's answer to a cut-off body (a parse error) is replaced by the 413 below
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
             await send(message)
 
+        async def receive_limited():
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Tell the app the client went away: FastAPI would turn an exception raised here into a 400.
+                    too_large = True
+                    return {"type": "http.disconnect"}
+            return message
+
         length = dict(scope.get("headers") or []).get(b"content-length")
         try:
             if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-                raise _TooLarge
-            received = 0
-
-            async def receive_limited():
-                nonlocal received
-                message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > self.max_bytes:
-                        raise _TooLarge
-                return message
-
-            await self.app(scope, receive_limited, send_tracking)
-        except _TooLarge:
-            # Read (and drop) what the client is still sending, up to a bound, so that it gets to read the 413
-            # instead of a connection reset mid-upload.
-            drained = 0
-            while drained < 8 * self.max_bytes:
-                message = await receive()
-                if message["type"] != "http.request" or not message.get("more_body", False):
-                    break
-                drained += len(message.get("body", b""))
-            if not status["sent"]:
+                too_large = True
+            else:
+                try:
+                    await self.app(scope, receive_limited, send_tracking)
+                except Exception:
+                    if not too_large:
+                        raise
+            if too_large and not status["sent"]:
+                await self._drain(receive)
+                too_large = False  # let the 413 itself through send_tracking
                 await _send_json(
                     send_tracking, 413, {"error": f"request body over the limit of {self.max_bytes:,} bytes"}
                 )
         finally:
             self.metrics.observe_request(endpoint, status["code"], time.perf_counter() - start)
+
+    async def _drain(self, receive) -> None:
+        """Read (and drop) what the client is still sending, up to a bound, so that it reads the 413 instead of
+        a connection reset mid-upload."""
+        drained = 0
+        while drained < 8 * self.max_bytes:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+            drained += len(message.get("body", b""))
 
 
 async def _send_json(send, status: int, body: dict) -> None:
