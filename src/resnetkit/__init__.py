@@ -6,9 +6,12 @@
 
 __version__ = "0.1.0"
 
+from resnetkit.deploy.engine import optimize_for_cpu  # noqa: E402
+from resnetkit.deploy.export import export_model  # noqa: E402
 from resnetkit.deploy.predict import Predictor  # noqa: E402
 from resnetkit.evaluate import evaluate  # noqa: E402
 from resnetkit.models import create_model, list_models, load_weights  # noqa: E402  (registers the zoo)
 from resnetkit.train import train  # noqa: E402  (the function; the package stays importable as resnetkit.train.*)
 
-__all__ = ["__version__", "create_model", "list_models", "load_weights", "train", "evaluate", "Predictor"]
+__all__ = ["__version__", "create_model", "list_models", "load_weights", "train", "evaluate", "Predictor",
+           "export_model", "optimize_for_cpu"]
