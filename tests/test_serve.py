@@ -220,10 +220,15 @@ def test_bad_inputs_get_4xx_json_and_the_server_keeps_serving(server, photos):
     jpeg = photos[0].read_bytes()
     big = io.BytesIO()
     Image.new("RGB", (1200, 1000), "white").save(big, format="PNG")  # 1.2 M pixels > 1 M, a small file
+    half = io.BytesIO()
+    Image.new("RGB", (800, 800), "white").save(half, format="PNG")  # 0.64 M pixels: one fits, two do not
     cases = {
         "body over the size limit": lambda: post_images(server, [("big.jpg", os.urandom(MAX_REQUEST_MB * 2**20 + 10))]),
         "bomb beyond PIL's own limit": lambda: post_images(server, [("bomb.png", png_header_only(100_000, 100_000))]),
         "image over the pixel limit": lambda: post_images(server, [("big.png", big.getvalue())]),
+        "images together over the pixel limit": lambda: post_images(
+            server, [("a.png", half.getvalue()), ("b.png", half.getvalue())]
+        ),
         "not an image": lambda: post_images(server, [("notes.jpg", b"hello, I am text")]),
         "truncated jpeg": lambda: post_images(server, [("cut.jpg", jpeg[:300])]),
         "empty file": lambda: post_images(server, [("empty.jpg", b"")]),
@@ -242,6 +247,7 @@ def test_bad_inputs_get_4xx_json_and_the_server_keeps_serving(server, photos):
         "body over the size limit": 413,
         "bomb beyond PIL's own limit": 413,
         "image over the pixel limit": 413,
+        "images together over the pixel limit": 413,
         "not an image": 415,
         "truncated jpeg": 415,
         "empty file": 415,

@@ -388,16 +388,20 @@ def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Modu
     async def read_images(files: list[UploadFile]):
         if len(files) > config.max_images:
             raise HTTPException(413, f"{len(files)} images in one request, over the limit of {config.max_images}")
-        images = []
+        # The pixel limit holds for the whole request: 64 blank 8k x 8k PNGs fit in a few MB but decode to 12 GB.
+        images, budget = [], config.max_pixels
         for i, upload in enumerate(files):
             name = upload.filename or f"files[{i}]"
             data = await upload.read()
             try:
-                images.append(await run_in_threadpool(open_image, data, name, config.max_pixels))
+                image = await run_in_threadpool(open_image, data, name, budget)
             except ImageTooLarge as e:
-                raise HTTPException(413, str(e)) from None
+                together = f"{name}: the images of this request together exceed {config.max_pixels:,} pixels"
+                raise HTTPException(413, together if budget < config.max_pixels else str(e)) from None
             except ImageError as e:
                 raise HTTPException(415, str(e)) from None
+            budget -= image.width * image.height
+            images.append(image)
         return images
 
     @app.get("/", include_in_schema=False)
