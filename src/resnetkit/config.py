@@ -80,6 +80,8 @@ class DataConfig:
     """Extra training augmentations of resnetkit.data, by name."""
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    train_augment: bool = True
+    """False: shuffled training batches without random augmentation (reproducible comparisons, e.g. DDP runs)."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "workers"):

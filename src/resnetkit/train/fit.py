@@ -39,6 +39,8 @@ class RunResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     """The last epoch's row of metrics.jsonl, plus best_<metric> and best_epoch."""
     interrupted: bool = False
+    model: nn.Module | None = None
+    """The trained model itself (bare: no DDP or compile wrapper), on the training device."""
 
 
 def as_config(config: Config | str | Path | dict) -> Config:
@@ -131,6 +133,40 @@ def _sum_across_ranks(flag: bool, device: torch.device) -> bool:
     return bool(distributed.all_reduce_sum(t).item() > 0)
 
 
+def _disable_augmentation(loader) -> None:
+    """Training batches in shuffled order but without random augmentation.
+
+    Adapted at the edge: build_loader ties augmentation to train=True, so this swaps in the evaluation transform of
+    whichever pipeline it built (the cached tensor pipeline's batch transform, or the DataLoader's per-sample one).
+    """
+    if hasattr(loader, "transform_batch"):
+        augmenting = loader.transform_batch
+        loader.transform_batch = lambda images, generator: augmenting(images, None)
+    elif hasattr(loader, "dataset"):
+        from resnetkit.data.transforms import build_transform
+
+        p = loader.preprocess
+        loader.dataset.transform = build_transform(p["preset"], False, p["mean"], p["std"], (), p["input_size"])
+    else:
+        raise ValueError("data.train_augment=false is not supported by this loader")
+
+
+def _check_resumable(ckpt: dict[str, Any], cfg: Config, path: Path) -> None:
+    """The settings whose state a checkpoint holds must not change across a resume (epochs, lr etc. may)."""
+    old = ckpt.get("config") or {}
+    for section, key in (
+        ("model", "name"),
+        ("optim", "name"),
+        ("data", "name"),
+        ("train", "ema"),
+        ("train", "amp"),
+        ("model", "freeze"),
+    ):
+        was, now = old.get(section, {}).get(key), getattr(getattr(cfg, section), key)
+        if was is not None and was != now:
+            raise ValueError(f"--resume: {path} was trained with {section}.{key}={was!r} but the config says {now!r}")
+
+
 def build_model(cfg: Config, num_classes: int, *, load_weights: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """The model and the create_model options to rebuild it (saved in checkpoints as model_kwargs)."""
     from resnetkit.models import create_model
@@ -208,6 +244,8 @@ class _Run:
             augment=tuple(d.augment),
             **common,
         )
+        if not d.train_augment:
+            _disable_augmentation(train_loader)
         val_loader = build_loader(
             d.name, d.val_split, batch_size=max(eval_batch // info.world_size, 1), train=False, **common
         )
@@ -223,6 +261,8 @@ class _Run:
         distributed.barrier()
         seed_everything(cfg.seed, t.deterministic)
         ckpt = load_checkpoint(self.last_path) if self.resume else None
+        if ckpt is not None:
+            _check_resumable(ckpt, cfg, self.last_path)
 
         train_loader, val_loader = self._build_loaders()
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -317,6 +357,7 @@ class _Run:
             self.last_path if self.last_path.exists() else None,
             metrics,
             interrupted,
+            self.bare_model,
         )
 
     def _epoch(self, epoch: int, start_step: int, totals, stop: _StopFlag) -> tuple[dict[str, Any], bool]:
