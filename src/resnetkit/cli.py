@@ -12,11 +12,13 @@ import sys
 
 COMMAND_MODULES = [
     "resnetkit.models.cli",  # models, summary
+    "resnetkit.data.cli",  # data stats|info
     "resnetkit.train.cli",  # train
     "resnetkit.eval_cli",  # eval, report, explain
     "resnetkit.deploy.serve_cli",  # predict, serve
     "resnetkit.deploy.export_cli",  # export, bench infer
     "resnetkit.tasks.detection_cli",  # detect train|eval|predict
+    "resnetkit.tasks.segmentation_cli",  # segment train|eval|predict
 ]
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from resnetkit.data.datasets import CIFAR, BadImageError, Shapes, log, open_image, report_skipped
+from resnetkit.data.datasets import CIFAR, BadImageError, Shapes, log, report_skipped
 
 CACHE_VERSION = 1
 SMALL_IMAGE_MAX = 64  # ImageFolder images up to this many pixels on a side go through the fast pipeline
@@ -36,38 +35,16 @@ class TensorData:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _decode(path: str, size: int | None, max_pixels: int) -> torch.Tensor:
-    """One file -> uint8 (3, size, size): torchvision's decoder (libjpeg-turbo, libpng) for plain 8-bit RGB/grey
-    files, Pillow for the rest and for the error message of a bad file."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    img = None
+def _decode_checked(dataset, index: int, size: int) -> torch.Tensor | BadImageError:
     try:
-        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)  # still the fastest decoder here
-        data = read_file(path)
-        if data.numel() > 0:
-            img = decode_image(data, mode=ImageReadMode.RGB)
-            h, w = img.shape[-2:]
-            if h * w > max_pixels:
-                img = None  # let open_image refuse it with its message
-    except RuntimeError:
-        img = None
-    if img is None or img.dtype != torch.uint8:
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
-        img = pil_to_tensor(open_image(path, max_pixels))
-    if size is not None and tuple(img.shape[-2:]) != (size, size):
+        img = dataset.load_tensor(index)
+    except BadImageError as e:
+        return e
+    if tuple(img.shape[-2:]) != (size, size):
         from torchvision.transforms.v2 import functional as TF
 
         img = TF.center_crop(TF.resize(img, size, antialias=True), size)
     return img
-
-
-def _decode_checked(path: str, size: int | None, max_pixels: int) -> torch.Tensor | BadImageError:
-    try:
-        return _decode(path, size, max_pixels)
-    except BadImageError as e:
-        return e
 
 
 def decode_files(dataset, strict: bool = False, threads: int | None = None) -> TensorData:
@@ -76,14 +53,12 @@ def decode_files(dataset, strict: bool = False, threads: int | None = None) -> T
     samples = dataset.samples
     if not samples:
         raise ValueError(f"dataset {getattr(dataset, 'root', '')} has no images")
-    size = dataset.image_size
-    if size is None:
-        size = _decode(samples[0][0], None, dataset.max_pixels).shape[-1]
+    size = dataset.image_size or first_image_side(dataset)
     threads = threads or min(8, os.cpu_count() or 1)
     # torchvision's decoders release the GIL, so threads decode in parallel without pickling tensors between processes.
     with ThreadPoolExecutor(threads) as pool:
-        decoded = list(pool.map(lambda s: _decode_checked(s[0], size, dataset.max_pixels), samples, chunksize=64))
-    images, labels, skipped = [], [], list(getattr(dataset, "skipped", []))
+        decoded = list(pool.map(lambda i: _decode_checked(dataset, i, size), range(len(samples))))
+    images, labels, skipped = [], [], []
     for (path, label), img in zip(samples, decoded):
         if isinstance(img, BadImageError):
             if strict:
@@ -140,15 +115,17 @@ def load_tensors(dataset, cache_dir: str | os.PathLike | None = None, strict: bo
 
 
 def first_image_side(dataset) -> int:
-    """The larger side of a file dataset's first image, read from its header only."""
+    """The larger side of a file dataset's first readable image, read from its header only (0 if none of the first
+    few is readable)."""
     from PIL import Image
 
-    path = dataset.samples[0][0]
-    try:
-        with Image.open(path) as img:
-            return max(img.size)
-    except Exception:  # a bad first file: let the loader report it
-        return 0
+    for path, _ in dataset.samples[:8]:
+        try:
+            with Image.open(path) as img:
+                return max(img.size)
+        except Exception:  # a bad file: the loader reports it
+            continue
+    return 0
 
 
 # ---- batch augmentations (tensor operations on a whole batch) ----

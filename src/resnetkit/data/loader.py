@@ -25,7 +25,15 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from resnetkit.data import fast
-from resnetkit.data.datasets import CIFAR, ImageFolder, Shapes, SkippedSample, build_dataset, report_skipped
+from resnetkit.data.datasets import (
+    CIFAR,
+    BadImageError,
+    ImageFolder,
+    Shapes,
+    SkippedSample,
+    build_dataset,
+    report_skipped,
+)
 from resnetkit.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -254,9 +262,14 @@ class FileLoader(Loader):
         )
         p = preprocess
         dataset.transform = build_transform(p["preset"], train, p["mean"], p["std"], augment, p["input_size"])
+        # Workers hand bad files back as SkippedSample and this process decides: a clean BadImageError under strict
+        # (an exception raised inside a worker would arrive re-wrapped, with its traceback in the message).
+        self.strict = getattr(dataset, "strict", False)
+        if hasattr(dataset, "decode_to_tensor"):
+            dataset.strict, dataset.decode_to_tensor = False, True
         self.dataset = dataset
-        self.skipped: list[tuple[str, str]] = list(getattr(dataset, "skipped", []))
-        self._reported = {path for path, _ in self.skipped}
+        self.skipped: list[tuple[str, str]] = []
+        self._reported: set[str] = set()
         self.loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=_PlanSampler(self),
@@ -271,16 +284,20 @@ class FileLoader(Loader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._start()
         new = []
-        for images, labels, skipped in self.loader:
-            self.position += 1
-            for path, reason in skipped:
-                if path not in self._reported:
-                    self._reported.add(path)
-                    new.append((path, reason))
-            if len(labels):
-                yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
-        self.skipped += new
-        report_skipped(new, self.num_samples)
+        try:
+            for images, labels, skipped in self.loader:
+                self.position += 1
+                if skipped and self.strict:
+                    raise BadImageError(*skipped[0])
+                for path, reason in skipped:
+                    if path not in self._reported:
+                        self._reported.add(path)
+                        new.append((path, reason))
+                if len(labels):
+                    yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+        finally:  # also when the consumer stops early: every bad file is reported once
+            self.skipped += new
+            report_skipped(new, self.num_samples)
 
 
 def _dataset_stats(dataset, name: str, data: fast.TensorData | None, cache_dir, strict: bool):
