@@ -382,7 +382,7 @@ def chromium() -> str:
 
 
 def test_web_page_shows_bars_and_overlay(server, photos, chromium, tmp_path):
-    """The page in headless Chromium: choose a photo, the top-5 bars and the Grad-CAM overlay appear."""
+    """The page in headless Chromium: choose (then drop) a photo, the top-5 bars and the Grad-CAM overlay appear."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -412,6 +412,22 @@ def test_web_page_shows_bars_and_overlay(server, photos, chromium, tmp_path):
             page.screenshot(path=str(tmp_path / "web.png"))
             if os.environ.get("RESNETKIT_WEB_SCREENSHOT"):
                 page.screenshot(path=os.environ["RESNETKIT_WEB_SCREENSHOT"])
+            # Dropping a file on the drop zone works the same way.
+            page.evaluate(
+                """([name, b64]) => {
+                    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                    const transfer = new DataTransfer();
+                    transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
+                    const drop = document.getElementById("drop");
+                    const event = new DragEvent("drop", { dataTransfer: transfer, cancelable: true });
+                    drop.dispatchEvent(event);
+                }""",
+                [photos[0].name, base64.b64encode(photos[0].read_bytes()).decode()],
+            )
+            page.wait_for_function("document.querySelector('#bars .label')?.textContent === 'tench'", timeout=60_000)
+            page.wait_for_function(
+                "document.getElementById('overlay-caption').textContent.includes('tench')", timeout=60_000
+            )
         finally:
             browser.close()
     assert errors == []
