@@ -69,7 +69,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.checkpoint:
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
     else:
-        predictor = Predictor.from_weights(args.model, args.weights, device=args.device)
+        try:
+            predictor = Predictor.from_weights(args.model, args.weights, device=args.device)
+        except RuntimeError as e:
+            if args.weights not in ("imagenet", "imagenet-v2"):
+                raise
+            raise UserError(str(e)) from e  # offline: the message says where to put the file
 
     results: list[dict] = []
     with _progress(len(files)) as advance:
@@ -139,7 +144,7 @@ def _print_results(results: list[dict], fmt: str) -> None:
 
         table = Table(show_lines=True)
         for col in ("file", "class", "prob"):
-            table.add_column(col, justify="right" if col == "prob" else "left")
+            table.add_column(col, justify="right" if col == "prob" else "left", overflow="fold")
         for r in results:
             if "error" in r:
                 table.add_row(r["file"], f"[red]{r['error']}[/red]", "")
