@@ -6,6 +6,7 @@
 
 __version__ = "0.1.0"
 
+from resnetkit.data import build_dataset, build_loader  # noqa: E402
 from resnetkit.deploy.engine import optimize_for_cpu  # noqa: E402
 from resnetkit.deploy.export import export_model  # noqa: E402
 from resnetkit.deploy.predict import Predictor  # noqa: E402
@@ -14,4 +15,4 @@ from resnetkit.models import create_model, list_models, load_weights  # noqa: E4
 from resnetkit.train import train  # noqa: E402  (the function; the package stays importable as resnetkit.train.*)
 
 __all__ = ["__version__", "create_model", "list_models", "load_weights", "train", "evaluate", "Predictor",
-           "export_model", "optimize_for_cpu"]
+           "export_model", "optimize_for_cpu", "build_dataset", "build_loader"]
