@@ -178,6 +178,28 @@ def test_predict_bad_arguments_give_one_line(checkpoint, tmp_path, capsys):
     assert code == 1 and "a.png" in err
 
 
+class _Payload:
+    """Unpickling this runs code: it creates the file named in its state."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoints_are_never_unpickled(checkpoint, tmp_path, capsys):
+    """A checkpoint carrying a pickled object is refused by weights_only loading, and its code does not run."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"] = _Payload(tmp_path / "pwned")
+    torch.save(state, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt"):
+        Predictor.from_checkpoint(tmp_path / "evil.pt")
+    code, _, err = run_cli(capsys, "--checkpoint", tmp_path / "evil.pt", checkpoint)  # any existing file as input
+    assert code == 2 and "evil.pt" in err
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_open_image_refuses_bombs_before_decoding(tmp_path):
     big = Image.new("L", (3000, 2000))
     big.save(tmp_path / "big.png")
