@@ -507,7 +507,7 @@ class SegmentationConfig:
     """Passes over the training set that make one epoch: for tiny sets, so that validating, logging and saving once
     per epoch don't cost more than the training itself."""
     lr: float = 2e-3
-    """Peak AdamW learning rate of the one-cycle schedule (per batch, not scaled by batch size)."""
+    """Peak AdamW learning rate: linear warm-up over the first quarter of the steps, then cosine decay to zero."""
     weight_decay: float = 1e-4
     flip: bool = True
     """Random horizontal flips of image and mask together."""
@@ -556,6 +556,19 @@ class SegmentationResult:
     best_checkpoint: Path
     last_checkpoint: Path
     metrics: dict[str, Any]
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float = 0.25):
+    """The learning-rate factor per step: a linear warm-up over the first quarter, then a cosine decay to zero
+    (one-cycle shaped; unlike OneCycleLR it accepts runs of one or two steps)."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    return factor
 
 
 def _device(name: str) -> torch.device:
@@ -658,9 +671,7 @@ def train_segmentation(
     val_loader = _loader(val_set, cfg.batch_size, cfg.workers)
     loss_fn = SegmentationLoss(cfg.loss, cfg.ignore_index)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_loader), pct_start=0.25
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.epochs * len(train_loader)))
 
     run_dir = Path(cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
