@@ -186,6 +186,23 @@ def test_file_loader_path_for_large_presets(tmp_path):
     assert [y.tolist() for _, y in resumed] == [y.tolist() for y in rest]  # the same samples in the same order
 
 
+def test_augmentation_can_be_switched_off(shapes_loader, tmp_path):
+    loader = shapes_loader()
+    loader.set_augmentation(False)
+    idx = loader.plan()[0]
+    images, _ = next(iter(loader))
+    p = loader.preprocess
+    torch.testing.assert_close(images, normalize_batch(loader.images[idx], p["mean"], p["std"]))
+    _png_folder(tmp_path / "data", size=40, per_class=2)
+    files = build_loader(
+        tmp_path / "data", "train", preset="imagenet", batch_size=4, train=True, device="cpu", workers=0
+    )
+    files.set_augmentation(False)
+    first = next(iter(files))[0]
+    files.load_state_dict({"epoch": 0, "position": 0})
+    assert torch.equal(first, next(iter(files))[0])  # the same batch again: no random crops
+
+
 def test_fast_augment_extras_and_policy(shapes_loader):
     loader = shapes_loader(augment=("colorjitter", "erasing", "trivialaugment"))
     images, _ = next(iter(loader))

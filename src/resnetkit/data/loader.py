@@ -84,6 +84,11 @@ class Loader:
         self.classes, self.preprocess, self.device = classes, preprocess, device
         self.epoch, self.position = 0, 0
         self._plan_epoch, self._plan = None, None
+        self.augmenting = train
+
+    def set_augmentation(self, enabled: bool) -> None:
+        """Turn training augmentation off (shuffled, sharded batches of evaluation-style images) or back on."""
+        self.augmenting = bool(enabled and self.train)
 
     def plan(self) -> list[torch.Tensor]:
         """This rank's batches of sample indices for the current epoch."""
@@ -172,7 +177,7 @@ class TensorLoader(Loader):
 
         return TF.center_crop(TF.resize(x, self.preprocess["resize"], antialias=True), size)
 
-    def batch(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def transform_batch(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The normalised float batch of samples idx: random crop + flip (+ extras) when given a generator."""
         p = self.preprocess
         if generator is None:
@@ -198,12 +203,12 @@ class TensorLoader(Loader):
             self.position += 1
             idx = batches[b].to(self.device)
             generator = None
-            if self.train:
+            if self.train and self.augmenting:
                 generator = torch.Generator(self.device).manual_seed(_mix(self.seed, self.epoch, b, self.rank))
             # Policy augmentations (TrivialAugment...) draw from the global RNG: seed it per batch for exact resume.
-            policies = self.train and any(a.endswith("augment") for a in self.augment)
+            policies = generator is not None and any(a.endswith("augment") for a in self.augment)
             with _seeded(_mix(self.seed, self.epoch, b, self.rank, 1)) if policies else contextlib.nullcontext():
-                images = self.batch(idx, generator)
+                images = self.transform_batch(idx, generator)
             yield images, self.labels[idx]
 
 
@@ -260,8 +265,8 @@ class FileLoader(Loader):
         super().__init__(
             len(dataset), batch_size, train, seed, rank, world_size, list(dataset.classes), preprocess, device
         )
-        p = preprocess
-        dataset.transform = build_transform(p["preset"], train, p["mean"], p["std"], augment, p["input_size"])
+        self._augment = augment
+        dataset.transform = self._transform(train)
         # Workers hand bad files back as SkippedSample and this process decides: a clean BadImageError under strict
         # (an exception raised inside a worker would arrive re-wrapped, with its traceback in the message).
         self.strict = getattr(dataset, "strict", False)
@@ -280,6 +285,15 @@ class FileLoader(Loader):
             prefetch_factor=4 if workers > 0 else None,
             generator=torch.Generator().manual_seed(_mix(seed, rank)),
         )
+
+    def _transform(self, augmenting: bool):
+        p = self.preprocess
+        return build_transform(p["preset"], augmenting, p["mean"], p["std"], self._augment, p["input_size"])
+
+    def set_augmentation(self, enabled: bool) -> None:
+        """As Loader.set_augmentation; call it before iterating (persistent workers hold a copy of the dataset)."""
+        super().set_augmentation(enabled)
+        self.dataset.transform = self._transform(self.augmenting)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._start()
