@@ -181,11 +181,12 @@ class TensorLoader(Loader):
         """The normalised float batch of samples idx: random crop + flip (+ extras) when given a generator."""
         p = self.preprocess
         if generator is None:
-            return fast.normalize_batch(self._fit_size(self.images[idx]), p["mean"], p["std"])
+            return fast.normalize_batch(self._fit_size(self.images.index_select(0, idx)), p["mean"], p["std"])
+        # index_select copies whole rows: 60x faster than advanced indexing (x[idx]) for uint8 here.
         n, dev, size = len(idx), idx.device, p["input_size"]
         offsets = torch.randint(0, 2 * self.padding + 1, (2, n), generator=generator, device=dev)
         flip = torch.rand(n, generator=generator, device=dev) < 0.5
-        x = fast.crop_flip_batch(self.padded[idx], offsets[0], offsets[1], flip, size, size)
+        x = fast.crop_flip_batch(self.padded.index_select(0, idx), offsets[0], offsets[1], flip, size, size)
         for name in self.augment:
             if name in ("trivialaugment", "randaugment", "autoaugment"):
                 x = fast.policy_batch(x, name)
@@ -207,9 +208,25 @@ class TensorLoader(Loader):
                 generator = torch.Generator(self.device).manual_seed(_mix(self.seed, self.epoch, b, self.rank))
             # Policy augmentations (TrivialAugment...) draw from the global RNG: seed it per batch for exact resume.
             policies = generator is not None and any(a.endswith("augment") for a in self.augment)
-            with _seeded(_mix(self.seed, self.epoch, b, self.rank, 1)) if policies else contextlib.nullcontext():
+            with (
+                _seeded(_mix(self.seed, self.epoch, b, self.rank, 1)) if policies else contextlib.nullcontext(),
+                _one_thread() if self.device.type == "cpu" else contextlib.nullcontext(),
+            ):
                 images = self.transform_batch(idx, generator)
-            yield images, self.labels[idx]
+            yield images, self.labels.index_select(0, idx)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Batch transforms on the CPU run on one intra-op thread: they are memory-bound copies, and on a busy 2-core
+    machine two OpenMP threads waiting on each other made them 30x slower (2,100 vs 60,000 images/s, see
+    BENCHMARKS.md). The model's own threads are restored before the batch is handed over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
