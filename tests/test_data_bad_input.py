@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from resnetkit.cli import main
-from resnetkit.data import CUB200, BadImageError, build_dataset, build_loader, open_image
+from resnetkit.data import CUB200, BadImageError, build_dataset, build_loader, open_image, preprocess_info
 from resnetkit.data.datasets import read_image_tensor
 
 
@@ -58,7 +58,8 @@ def test_bad_files_are_skipped_counted_and_reported_once_fast_pipeline(messy_fol
 def test_bad_files_are_skipped_and_reported_once_dataloader_pipeline(messy_folder, caplog):
     root, bad = messy_folder
     caplog.set_level(logging.WARNING, "resnetkit.data")
-    loader = build_loader(root, "train", preset="imagenet", batch_size=5, train=False, device="cpu", workers=0)
+    preprocess = preprocess_info("imagenet", input_size=32)
+    loader = build_loader(root, "train", preset=preprocess, batch_size=5, train=False, device="cpu", workers=0)
     labels = torch.cat([y for _, y in loader])
     assert labels.tolist() == [0] * 4 + [1] * 4  # every good image once, every bad one dropped
     assert {p for p, _ in loader.skipped} == bad
