@@ -33,6 +33,8 @@ class TensorData:
     labels: torch.Tensor  # int64 (N,)
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    mean: list[float] | None = None  # per-channel statistics in [0, 1], measured once when the cache is built
+    std: list[float] | None = None
 
 
 def _decode_checked(dataset, index: int, size: int) -> torch.Tensor | BadImageError:
@@ -84,7 +86,12 @@ def load_tensors(dataset, cache_dir: str | os.PathLike | None = None, strict: bo
         try:
             blob = torch.load(path, weights_only=True)
             data = TensorData(
-                blob["images"], blob["labels"], list(blob["classes"]), [tuple(s) for s in blob["skipped"]]
+                blob["images"],
+                blob["labels"],
+                list(blob["classes"]),
+                [tuple(s) for s in blob["skipped"]],
+                blob.get("mean"),
+                blob.get("std"),
             )
             if strict and data.skipped:
                 raise BadImageError(*data.skipped[0])
@@ -99,6 +106,9 @@ def load_tensors(dataset, cache_dir: str | os.PathLike | None = None, strict: bo
         log.info("decoding %d images into the cache %s (once)", len(dataset), path)
         data = decode_files(dataset, strict)
         report_skipped(data.skipped, len(dataset))
+        from resnetkit.data.transforms import compute_mean_std
+
+        data.mean, data.std = compute_mean_std(data.images)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(
@@ -107,6 +117,8 @@ def load_tensors(dataset, cache_dir: str | os.PathLike | None = None, strict: bo
             "labels": data.labels,
             "classes": data.classes,
             "skipped": [list(s) for s in data.skipped],
+            "mean": data.mean,
+            "std": data.std,
         },
         tmp,
     )

@@ -39,12 +39,13 @@ from resnetkit.data.transforms import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     SHAPES_MEAN,
     SHAPES_STD,
     build_transform,
     check_extras,
     check_preprocess,
-    compute_mean_std,
     preprocess_info,
 )
 
@@ -331,8 +332,8 @@ class FileLoader(Loader):
             report_skipped(new, self.num_samples)
 
 
-def _dataset_stats(dataset, name: str, data: fast.TensorData | None, cache_dir, strict: bool):
-    """Normalisation statistics for the cifar preset: the dataset's own (ImageNet's are the presets' default)."""
+def _dataset_stats(dataset, data: fast.TensorData | None, cache_dir, strict: bool):
+    """Normalisation statistics for the cifar preset: the dataset's own (its training split's), else ImageNet's."""
     if isinstance(dataset, CIFAR):
         return (CIFAR100_MEAN, CIFAR100_STD) if dataset.name == "cifar100" else (CIFAR10_MEAN, CIFAR10_STD)
     if isinstance(dataset, Shapes):
@@ -342,9 +343,9 @@ def _dataset_stats(dataset, name: str, data: fast.TensorData | None, cache_dir, 
         if train is None and (dataset.root.parent / "train").is_dir():
             train = build_dataset(str(dataset.root.parent), "train", strict=strict, image_size=dataset.image_size)
         if train is not None:
-            images = data.images if train is dataset else fast.load_tensors(train, cache_dir, strict).images
-            return compute_mean_std(images)
-    return None, None
+            stats = data if train is dataset else fast.load_tensors(train, cache_dir, strict)
+            return stats.mean, stats.std
+    return IMAGENET_MEAN, IMAGENET_STD  # large images, or no training split to measure
 
 
 def build_loader(
@@ -398,7 +399,7 @@ def build_loader(
     else:
         mean = std = None
         if preset_name == "cifar":
-            mean, std = _dataset_stats(dataset, str(name_or_path), data, cache_dir, strict)
+            mean, std = _dataset_stats(dataset, data, cache_dir, strict)
         size = data.images.shape[-1] if data is not None and preset_name == "cifar" else None
         if size is None and preset_name == "cifar" and isinstance(dataset, Shapes):
             size = dataset.image_size
