@@ -3,10 +3,12 @@
     resnetkit bench infer --model resnet50 --batch 1,32 --iters 5
 
 Rows: torchvision eager (NCHW, as users write it), resnetkit eager, resnetkit optimised (BN folded, channels_last,
-inference mode), onnxruntime (fp32, all graph optimisations) and int8 (onnxruntime QDQ, calibrated on random
-images: speed does not depend on the weights; for accuracy see benchmarks/int8_agreement.py). Each row gives
-images/s, the median latency of one batch, the ratio to torchvision eager, and the fraction of the machine's fp32
-matrix-multiply throughput (a large torch.mm measured in the same run) that the model's FLOPs reach.
+inference mode), optionally resnetkit compiled (the same plus torch.compile with Inductor freezing; minutes of
+compilation per batch size, so only with --backends), onnxruntime (fp32, all graph optimisations) and int8
+(onnxruntime QDQ, calibrated on random images: speed does not depend on the weights; for accuracy see
+benchmarks/int8_agreement.py). Each row gives images/s, the median latency of one batch, the ratio to torchvision
+eager, and the fraction of the machine's fp32 matrix-multiply throughput (a large torch.mm measured in the same run)
+that the model's FLOPs reach.
 
 The timed calls are interleaved (one call of each path in turn, `iters` rounds), so that load from other jobs on a
 shared machine falls on every path alike and the ratios stay meaningful even when the absolute numbers do not.
@@ -24,7 +26,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-BACKENDS = ("torchvision eager", "resnetkit eager", "resnetkit optimised", "onnxruntime", "int8")
+BACKENDS = (
+    "torchvision eager",
+    "resnetkit eager",
+    "resnetkit optimised",
+    "resnetkit compiled",
+    "onnxruntime",
+    "int8",
+)
+# torch.compile costs minutes per batch size on 2 cores: measured when asked for (--backends), not by default.
+DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "resnetkit compiled")
 BASELINE = "torchvision eager"
 
 
@@ -95,6 +106,8 @@ def build_backends(
         calls["resnetkit eager"] = eager(model)
     if "resnetkit optimised" in backends:
         calls["resnetkit optimised"] = optimize_for_cpu(model)
+    if "resnetkit compiled" in backends:
+        calls["resnetkit compiled"] = optimize_for_cpu(model, compile=True)
     if "onnxruntime" in backends or "int8" in backends:
         fp32 = work_dir / f"{name}.onnx"
         export_model(model, fp32, "onnx", preprocess, model_name=name)
@@ -114,8 +127,9 @@ def bench_infer(
     iters: int = 5,
     input_size: int | None = None,
     threads: int | None = None,
-    backends: tuple[str, ...] = BACKENDS,
+    backends: tuple[str, ...] = DEFAULT_BACKENDS,
     progress: Callable[[str], None] | None = None,
+    gemm_size: int = 2048,
 ) -> BenchResult:
     """Time every backend at every batch size; see the module docstring for what is measured and how."""
     from resnetkit.models import create_model, default_input_size
@@ -132,7 +146,7 @@ def bench_infer(
     size = input_size or default_input_size(name)
     gflop = 2 * total_macs(create_model(name), size) / 1e9
     say(f"measuring the fp32 GEMM roofline ({threads} threads)")
-    roofline = gemm_gflops()
+    roofline = gemm_gflops(gemm_size)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         say(f"building {name} backends (export to ONNX, int8 calibration)")

@@ -79,24 +79,40 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
 
 
 class OptimizedModel(nn.Module):
-    """Wraps a BN-folded channels_last model: takes any float NCHW batch, runs it in inference mode."""
+    """Wraps a BN-folded channels_last model: takes any float NCHW batch, runs it in inference mode.
 
-    def __init__(self, model: nn.Module) -> None:
+    With `compiled=True` the model is a torch.compile'd one, run with Inductor's freezing on: weights become
+    constants, so Inductor pre-packs them for oneDNN and fuses conv + bias + ReLU (+ residual add) into one kernel.
+    Each new batch size compiles once (about a minute for ResNet-50 on 2 cores).
+    """
+
+    def __init__(self, model: nn.Module, compiled: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.compiled = compiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model(x.contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+        if not self.compiled:
+            with torch.inference_mode():
+                return self.model(x)
+        import torch._inductor.config as inductor_config
+
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return self.model(x)
 
 
-def optimize_for_cpu(model: nn.Module) -> OptimizedModel:
-    """The fastest fp32 eager path measured on this project's CPUs: BN folded, channels_last, inference mode.
+def optimize_for_cpu(model: nn.Module, compile: bool = False) -> OptimizedModel:
+    """The fast fp32 CPU path: BN folded, channels_last, inference mode; with `compile=True` also torch.compile.
 
     Returns a new module (the original is untouched) whose outputs match `model.eval()(x)` within 1e-4.
+    The compiled variant is the fastest fp32 path measured here (see BENCHMARKS.md) but pays a compilation per
+    batch size; the eager variant is ready at once.
     """
-    folded = fold_batchnorm(model)
-    return OptimizedModel(folded.to(memory_format=torch.channels_last)).eval()
+    folded = fold_batchnorm(model).to(memory_format=torch.channels_last)
+    if compile:
+        folded = torch.compile(folded, dynamic=False)
+    return OptimizedModel(folded, compiled=compile).eval()
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:

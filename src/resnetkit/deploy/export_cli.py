@@ -46,9 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backends",
         default=None,
-        help="comma-separated subset of: torchvision eager, resnetkit eager, "
-        "resnetkit optimised, onnxruntime, int8 (default: all)",
+        help="comma-separated, from: torchvision eager, resnetkit eager, resnetkit optimised, resnetkit compiled, "
+        "onnxruntime, int8 (default: all but resnetkit compiled, which torch.compiles for minutes per batch size)",
     )
+    p.add_argument("--gemm-size", type=int, default=2048, help="side of the square fp32 matmul timed as the roofline")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown (for BENCHMARKS.md)")
     p.set_defaults(func=cmd_bench_infer)
 
@@ -105,11 +106,11 @@ def _parse_batches(text: str) -> tuple[int, ...]:
 
 
 def cmd_bench_infer(args: argparse.Namespace) -> int:
-    from resnetkit.deploy.bench import BACKENDS, bench_infer, format_markdown, print_table
+    from resnetkit.deploy.bench import DEFAULT_BACKENDS, bench_infer, format_markdown, print_table
     from resnetkit.registry import accepted_kwargs
 
     accepted_kwargs(args.model)  # an unknown name raises, with the closest valid names
-    backends = BACKENDS if args.backends is None else tuple(b.strip() for b in args.backends.split(","))
+    backends = DEFAULT_BACKENDS if args.backends is None else tuple(b.strip() for b in args.backends.split(","))
     result = bench_infer(
         args.model,
         _parse_batches(args.batch),
@@ -118,6 +119,7 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
         args.threads,
         backends,
         progress=lambda message: print(message, flush=True),
+        gemm_size=args.gemm_size,
     )
     print_table(result)
     if args.markdown:
