@@ -448,7 +448,7 @@ def overlay(
 
     classes: when given, a legend strip naming the classes present is drawn below the image.
     """
-    from PIL import ImageDraw
+    from PIL import ImageDraw, ImageFont
 
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     if mask.shape != base.shape[:2]:
@@ -461,16 +461,19 @@ def overlay(
     if classes is None:
         return out
     present = [int(c) for c in np.unique(mask) if c != background and c < len(classes)]
-    row_h = 14
+    font_size = max(11, out.width // 40)  # legible on a photo as on a 32-pixel thumbnail
+    font = ImageFont.load_default(size=font_size)
+    row_h = font_size + 4
     sheet = Image.new("RGB", (out.width, out.height + row_h * max(len(present), 1) + 4), "white")
     sheet.paste(out, (0, 0))
     draw = ImageDraw.Draw(sheet)
     for k, c in enumerate(present):
         y = out.height + 2 + k * row_h
-        draw.rectangle([2, y + 1, 12, y + 11], fill=tuple(int(v) for v in palette()[c]), outline="black")
-        draw.text((16, y), classes[c], fill="black")
+        box = [2, y + 2, 2 + font_size, y + 2 + font_size - 2]
+        draw.rectangle(box, fill=tuple(int(v) for v in palette()[c]), outline="black")
+        draw.text((font_size + 6, y), classes[c], fill="black", font=font)
     if not present:
-        draw.text((2, out.height + 2), "no objects", fill="black")
+        draw.text((2, out.height + 2), "no objects", fill="black", font=font)
     return sheet
 
 

@@ -1,0 +1,79 @@
+"""A picture of a segmentation checkpoint at work: images of a split, their true masks and the predicted ones, as
+colour overlays, with the per-image IoU; prints the table of what it drew.
+
+    .venv/bin/python benchmarks/segmentation_figure.py runs/shapes-r20/best.pt --out docs/img/segmentation.png
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from resnetkit.tasks.segmentation import (  # noqa: E402
+    SegmentationMetrics,
+    build_segmentation_dataset,
+    overlay,
+    predict_masks,
+    segmentation_model_from_checkpoint,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data", help="default: the checkpoint's")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--count", type=int, default=6, help="images to draw")
+    parser.add_argument("--scale", type=int, default=3, help="upscale small images for legibility")
+    parser.add_argument("--out", default="segmentation.png")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    model, ckpt = segmentation_model_from_checkpoint(args.checkpoint)
+    cfg, classes = ckpt["config"], ckpt["classes"]
+    size = ckpt["preprocess"]["input_size"]
+    dataset = build_segmentation_dataset(
+        args.data or cfg["data"], args.split, size, num_images=cfg["num_images"], seed=cfg["seed"]
+    )
+    n = min(args.count, len(dataset))
+    fig, axes = plt.subplots(3, n, figsize=(1.9 * n, 6.2), squeeze=False)
+    print("| image | true class | IoU of that class | predicted classes |")
+    print("|---:|---|---:|---|")
+    for i in range(n):
+        image_u8, truth = dataset[i]
+        image = Image.fromarray(image_u8.permute(1, 2, 0).numpy())
+        pred = predict_masks(model, [image], ckpt["preprocess"], device="cpu")[0]
+        truth = truth.numpy().astype(np.uint8)
+        metrics = SegmentationMetrics(len(classes))
+        metrics.update(torch.from_numpy(pred.astype(np.int64))[None], torch.from_numpy(truth.astype(np.int64))[None])
+        fg = int(truth.max())
+        iou = metrics.compute()["per_class_iou"][fg]
+        big = (image.width * args.scale, image.height * args.scale)
+        panels = [
+            image.resize(big, Image.NEAREST),
+            overlay(image, truth, 0.55).resize(big, Image.NEAREST),
+            overlay(image, pred, 0.55).resize(big, Image.NEAREST),
+        ]
+        predicted = sorted({classes[c] for c in np.unique(pred) if c != 0})
+        titles = ["image", f"truth: {classes[fg]}", f"{', '.join(predicted) or 'nothing'}\nIoU {iou:.2f}"]
+        for row, (panel, title) in enumerate(zip(panels, titles)):
+            ax = axes[row, i]
+            ax.imshow(panel)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        print(f"| {i} | {classes[fg]} | {iou:.3f} | {', '.join(predicted)} |")
+    fig.suptitle(f"{cfg['head']} on {cfg['model']}: {args.split} images, true masks, predictions", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
