@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 SHAPE_CLASSES = ["circle", "triangle", "square", "pentagon", "star", "cross", "ring", "crescent", "heart", "arrow"]
 # Bump when the rendering changes: caches of rendered shapes are keyed by it.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # Supersampling factor for anti-aliased edges; the mask is the shape's coverage >= 1/2.
 _SS = 4
 _SPLIT_STREAM = {"train": 0, "val": 1, "test": 1}
