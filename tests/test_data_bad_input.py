@@ -102,8 +102,10 @@ def test_odd_modes_become_rgb(tmp_path):
     cases["cmyk.tif"] = (Image.new("CMYK", (4, 4), (0, 255, 255, 0)), (255, 0, 0))
     cases["grey16.png"] = (Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16)), (128, 128, 128))
     cases["grey.jpg"] = (Image.new("L", (8, 8), 120), (120, 120, 120))
+    cases["rgb.bmp"] = (Image.new("RGB", (4, 4), (1, 2, 3)), (1, 2, 3))
+    cases["rgb.webp"] = (Image.new("RGB", (4, 4), (90, 40, 200)), (90, 40, 200))
     for name, (img, expected) in cases.items():
-        img.save(tmp_path / name)
+        img.save(tmp_path / name, **({"lossless": True} if name.endswith(".webp") else {}))
         rgb = open_image(tmp_path / name)
         assert rgb.mode == "RGB" and rgb.getpixel((1, 1)) == pytest.approx(expected, abs=2), name
         tensor = read_image_tensor(tmp_path / name)  # the loaders' decoder agrees
@@ -176,6 +178,9 @@ def test_cli_stats_and_one_line_errors(tmp_path, capsys):
     assert main(["data", "stats", str(tmp_path / "imgs")]) == 0
     out = capsys.readouterr().out
     assert "mean 0.5000 0.0000 0.2000" in out and "std  0.5000 0.0000 0.0000" in out
+    assert main(["data", "info", "shapes:100"]) == 0
+    out = capsys.readouterr().out
+    assert "crescent" in out and "total" in out and "100" in out
     assert main(["data", "stats", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(tmp_path / "nothing") in err
