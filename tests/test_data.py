@@ -209,3 +209,27 @@ def test_cifar10_jpg_counts(cifar10_jpg):
     assert Counter(test.targets) == {c: 1000 for c in range(10)}
     image, label = test[9_999]
     assert image.size == (32, 32) and image.mode == "RGB" and test.classes[label] == "truck"
+
+
+def test_cifar_goes_through_the_fast_pipeline_with_its_own_statistics(tmp_path):
+    from resnetkit.data import build_loader
+    from resnetkit.data.loader import TensorLoader
+    from resnetkit.data.transforms import CIFAR100_MEAN
+
+    _write_cifar(tmp_path, "cifar100", per_batch=12)
+    loader = build_loader("cifar100", "train", root=tmp_path, preset="cifar", batch_size=4, train=True, device="cpu")
+    assert isinstance(loader, TensorLoader) and loader.preprocess["mean"] == list(CIFAR100_MEAN)
+    assert len(loader) == 3 and len(loader.classes) == 100
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
+
+
+def test_cub448_loader_on_the_real_subset(cub_root):
+    from resnetkit.data import build_loader, preprocess_info
+    from resnetkit.data.loader import FileLoader
+
+    loader = build_loader(cub_root, "test", preset="cub448", batch_size=4, train=False, device="cpu", workers=0)
+    assert isinstance(loader, FileLoader) and loader.preprocess == preprocess_info("cub448")
+    assert loader.num_samples == 243 and len(loader) == 61
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 448, 448) and labels.tolist() == loader.dataset.targets[:4]
