@@ -93,16 +93,11 @@ def plot_confusion_matrix(confusion: list[list[int]], classes: list[str], path: 
         for i in range(num_classes):
             for j in range(num_classes):
                 value = matrix[i, j]
-                if value >= 0.005 or i == j:
-                    ax.text(
-                        j,
-                        i,
-                        f"{value * 100:.0f}",
-                        ha="center",
-                        va="center",
-                        fontsize=fontsize,
-                        color="white" if value > 0.5 else "black",
-                    )
+                if value > 0 or i == j:  # a cell under half a percent reads "<1", not a misleading "0"
+                    percent = int(value * 100 + 0.5)  # half up: 1 of 200 is "1", not Python's "0"
+                    text = "<1" if percent == 0 and value > 0 else str(percent)
+                    color = "white" if value > 0.5 else "black"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color=color)
     else:
         step = int(np.ceil(num_classes / 20))  # ~20 position ticks, so a cell can be found by its rank
         ticks = np.arange(0, num_classes, step)
