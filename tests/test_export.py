@@ -149,3 +149,15 @@ def test_export_cli_bad_input_gives_one_clear_line(tmp_path, capsys, argv, messa
 def test_unknown_format_in_python_api(tmp_path, model):
     with pytest.raises(ExportError, match="unknown export format 'tflite'"):
         export_model(model, tmp_path / "m.tflite", "tflite", PREPROCESS)
+
+
+def test_export_cli_from_bare_weights_with_new_input_size(tmp_path, model, capsys):
+    weights = tmp_path / "resnet20.pth"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "m.safetensors"
+    argv = ["export", "--model", "resnet20", "--weights", str(weights), "--format", "safetensors", "--out", str(out)]
+    assert main([*argv, "--input-size", "48"]) == 0
+    meta = read_metadata(out)
+    assert meta["model_kwargs"] == {"num_classes": 3} and meta["input_size"] == 48
+    assert abs(meta["preprocess"]["resize"] / 48 - 256 / 224) < 0.03  # the crop ratio follows the new size
+    assert "at 48px" in capsys.readouterr().out

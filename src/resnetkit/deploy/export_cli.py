@@ -79,8 +79,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise UserError(f"--format {args.format!r} is not one of {', '.join(FORMATS)}")
     model, preprocess, classes, name, kwargs = _load_source(args)
-    if args.input_size:
-        preprocess = {**preprocess, "input_size": args.input_size}
+    if args.input_size:  # keep the resize/crop ratio (256/224 for ImageNet) at the new size
+        ratio = preprocess.get("resize", preprocess["input_size"]) / preprocess["input_size"]
+        preprocess = {**preprocess, "input_size": args.input_size, "resize": round(args.input_size * ratio)}
     report = export_model(
         model,
         args.out,
