@@ -44,7 +44,7 @@ def one_thread():
 def test_head_gives_logits_at_input_resolution(encoder, head):
     model = create_segmentation_model(head, encoder, num_classes=5).eval()
     with torch.no_grad():
-        for h, w in [(64, 64), (72, 72), (40, 56)]:  # 72 and 40x56 are not multiples of the encoder's stride 32
+        for h, w in [(72, 72), (40, 56)]:  # 72 and 40x56 are not multiples of the encoder's stride 32
             out = model(torch.randn(1, 3, h, w))
             assert out.shape == (1, 5, h, w)
             assert torch.isfinite(out).all()
@@ -250,7 +250,7 @@ def test_overlay_blends_palette_colours_and_keeps_background():
 
 
 def test_short_training_overfits_shapes(tmp_path):
-    # 8 shapes images, 100 AdamW steps of a CIFAR ResNet-20 U-Net: every shape's outline learnt pixel by pixel.
+    # 8 shapes images, 80 AdamW steps of a CIFAR ResNet-20 U-Net: every shape's outline learnt pixel by pixel.
     result = train_segmentation(
         dict(
             data="shapes",
@@ -259,7 +259,7 @@ def test_short_training_overfits_shapes(tmp_path):
             num_images=8,
             batch_size=8,
             repeat=20,
-            epochs=5,
+            epochs=4,
             lr=2e-2,
             decoder_channels=64,
             output_dir=str(tmp_path),
@@ -272,7 +272,7 @@ def test_short_training_overfits_shapes(tmp_path):
         assert (run / name).is_file(), name
     assert any((run / "tb").iterdir())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     report = evaluate_segmentation(result.last_checkpoint, split="train")
     assert report["num_images"] == 8
