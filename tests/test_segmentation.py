@@ -223,6 +223,9 @@ def test_shapes_set_has_background_and_ten_shapes():
 def test_config_validation():
     with pytest.raises(ValueError, match="did you mean epochs"):
         SegmentationConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="epochs: expected int, got 'ten'"):
+        SegmentationConfig.from_dict({"epochs": "ten"})
+    assert SegmentationConfig.from_dict({"lr": 1, "weights": None}).lr == 1
     with pytest.raises(ValueError, match="loss: unknown loss 'focal'"):
         SegmentationConfig(loss="focal")
     with pytest.raises(ValueError, match="image_size must be at least 16"):

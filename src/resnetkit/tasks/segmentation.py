@@ -550,6 +550,17 @@ class SegmentationConfig:
             hints = [m for k in unknown for m in difflib.get_close_matches(k, known, n=1)]
             hint = f"; did you mean {', '.join(hints)}?" if hints else ""
             raise ValueError(f"unknown segmentation config key(s) {unknown}{hint}")
+        # Field types are strings here (postponed annotations): check the YAML's scalars against them by name.
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "str | None": (str, type(None))}
+        for f in dataclasses.fields(cls):
+            expected = kinds.get(str(f.type))
+            value = values.get(f.name)
+            if (
+                f.name in values
+                and expected
+                and (not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected))
+            ):
+                raise ValueError(f"{f.name}: expected {f.type}, got {value!r}")
         return cls(**values)
 
 
