@@ -15,6 +15,7 @@ import base64
 import csv
 import html
 import json
+import os
 import platform
 import sys
 import time
@@ -196,6 +197,16 @@ def _short(name: str, width: int = 18) -> str:
 # The run report
 
 
+def _cpu_name() -> str:
+    try:  # Linux: the model name lscpu shows; platform.processor() is often empty or just the architecture
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
 def environment() -> dict[str, str]:
     """Versions and the device of this process (the one writing the report and running the evaluation)."""
     import torchvision
@@ -209,7 +220,7 @@ def environment() -> dict[str, str]:
         "torchvision": torchvision.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cpu threads": str(torch.get_num_threads()),
     }
     if torch.cuda.is_available():
