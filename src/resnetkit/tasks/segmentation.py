@@ -100,7 +100,9 @@ class UNetDecoder(nn.Module):
 
 class FCNHead(nn.Module):
     """FCN baseline (Long et al. 2015, https://arxiv.org/abs/1411.4038) as torchvision builds it: the last stage
-    through a 3x3 conv-BN-ReLU (a quarter of its channels), dropout, a 1x1 classifier, then bilinear upsampling."""
+    through a 3x3 conv-BN-ReLU (a quarter of its channels), dropout, a 1x1 classifier, then bilinear upsampling.
+
+    `channels` is not used: the hidden width follows the encoder, and both heads take the same arguments."""
 
     def __init__(self, feature_channels: Sequence[int], num_classes: int, channels: int = 256) -> None:
         super().__init__()
@@ -495,7 +497,7 @@ class SegmentationConfig:
     stem: str | None = None
     """Encoder stem for the ImageNet family: "imagenet" (stride 4) or "cifar" (stride 1, for small images)."""
     decoder_channels: int = 256
-    """Width of the deepest decoder block (U-Net) or of the head's hidden conv cap (FCN)."""
+    """Width of the deepest U-Net decoder block, halved at each block up (the FCN head ignores it)."""
     image_size: int = 64
     """Images and masks are resized to image_size x image_size squares."""
     num_images: int = 256
