@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -152,10 +153,15 @@ def _make_run(run: Path) -> None:
     (run / "config.yaml").write_text(yaml.safe_dump(config))
 
 
-def test_report_is_self_contained(tmp_path):
-    run = tmp_path / "runs" / "demo"
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, Path]:
+    run = tmp_path_factory.mktemp("report") / "runs" / "demo"
     _make_run(run)
-    html_path, md_path = write_report(run, evaluate_if_missing=False)
+    return write_report(run, evaluate_if_missing=False)
+
+
+def test_report_is_self_contained(report):
+    html_path, md_path = report
     html = html_path.read_text()
     parser = _Resources()
     parser.feed(html)
@@ -183,3 +189,37 @@ def test_report_without_evaluation_says_what_to_run(tmp_path):
     (run / "eval" / "eval.json").write_text("{not json")
     with pytest.raises(ValueError, match="eval.json: not valid JSON"):
         write_report(run)
+
+
+def test_report_opens_in_a_browser_from_the_file_alone(report, tmp_path):
+    """Headless Chromium loads report.html from disk with every network request refused: all images render."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        if os.environ.get("RESNETKIT_REQUIRE_DATA") == "1":
+            pytest.fail("chromium is required in CI (apt-get install chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    html_path, _ = report
+    requested: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+
+            def only_the_file(route):
+                if route.request.url == html_path.as_uri():
+                    return route.continue_()
+                requested.append(route.request.url)
+                return route.abort()
+
+            page.route("**/*", only_the_file)
+            page.goto(html_path.as_uri(), wait_until="load")
+            widths = page.locator("img").evaluate_all("els => els.map(e => e.complete ? e.naturalWidth : 0)")
+            title = page.title()
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert title == "resnetkit report: demo"
+    assert len(widths) == 4 and min(widths) > 100, widths
+    assert requested == [], f"the report asked for {requested}"

@@ -324,12 +324,15 @@ def _recipe(config_text: str | None) -> list[tuple[str, str]]:
         values = cfg.get(section) or {}
         return " ".join(f"{k.replace('_', ' ')} {values[k]}" for k in keys if values.get(k) not in (None, {}, []))
 
-    model, data, optim = cfg.get("model") or {}, cfg.get("data") or {}, cfg.get("optim") or {}
+    def named(section: str, *keys: str) -> str:
+        name = (cfg.get(section) or {}).get("name")
+        return f"{name} {fields(section, *keys)}" if name else ""
+
     rows = [
-        ("model", f"{model.get('name', '?')} {fields('model', 'options', 'weights')}"),
-        ("data", f"{data.get('name', '?')} {fields('data', 'preset', 'batch_size', 'augment')}"),
-        ("optimiser", f"{optim.get('name', '?')} {fields('optim', 'lr', 'momentum', 'weight_decay')}"),
-        ("schedule", f"{(cfg.get('schedule') or {}).get('name', '?')} {fields('schedule', 'warmup')}"),
+        ("model", named("model", "options", "weights")),
+        ("data", named("data", "preset", "batch_size", "augment")),
+        ("optimiser", named("optim", "lr", "momentum", "weight_decay")),
+        ("schedule", named("schedule", "warmup")),
         ("training", fields("train", "epochs", "label_smoothing", "ema", "amp")),
         ("seed", str(cfg.get("seed", ""))),
     ]
