@@ -48,12 +48,12 @@ def tiny(tmp_path_factory) -> Path:
     return make_folder(tmp_path_factory.mktemp("tiny"), {"train": 16, "val": 6})
 
 
-def tiny_config(data: Path, out: Path, **sections) -> dict:
+def tiny_config(data_dir: Path, out: Path, /, **sections) -> dict:
     cfg = {
         "name": "tiny",
         "output_dir": str(out),
         "model": {"name": "resnet20"},
-        "data": {"name": str(data), "batch_size": 8, "workers": 0, "cache_dir": str(out / "cache")},
+        "data": {"name": str(data_dir), "batch_size": 8, "workers": 0, "cache_dir": str(out / "cache")},
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
         "schedule": {"name": "cosine", "per": "step", "warmup": 2},
         "train": {"epochs": 2, "log_every_s": 0.0},

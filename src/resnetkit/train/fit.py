@@ -271,6 +271,8 @@ class _Run:
         model, self.model_kwargs = build_model(cfg, num_classes, load_weights=ckpt is None)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
+        if t.sync_bn and info.enabled and info.device.type != "cuda":
+            raise ValueError("train.sync_bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
         if t.sync_bn and info.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         frozen_norms = apply_freeze(model, cfg.model.freeze)
