@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -291,29 +290,10 @@ def test_report_command_embeds_everything(tiny, capsys):
         assert f"]({name})" in md and (tiny["run"] / name).is_file()
 
 
-DDP_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import torch, torch.distributed as dist
-    from resnetkit import evaluate
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    result = evaluate(sys.argv[1], split="test", out_dir=sys.argv[2], workers=0, batch_size=4, device="cpu")
-    shard = len(range(dist.get_rank(), result["num_samples"], dist.get_world_size()))
-    with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as f:
-        json.dump({"result": result, "shard": shard}, f)
-    dist.destroy_process_group()
-    """
-)
-
-
-def test_metrics_are_exact_under_ddp(tiny, tmp_path):
-    script = tmp_path / "ddp_eval.py"
-    script.write_text(DDP_SCRIPT)
+def test_eval_command_is_exact_under_ddp(tiny, tmp_path):
+    """`resnetkit eval` in two real processes with a real gloo process group, started as torchrun starts them (its
+    environment variables; without the launcher process, one torch import less on a busy machine)."""
     out = tmp_path / "ddp"
-    out.mkdir()
-    # Two real processes with a real gloo process group, started as torchrun would (its environment variables),
-    # without the launcher process: one torch import less on a busy machine.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -325,29 +305,51 @@ def test_metrics_are_exact_under_ddp(tiny, tmp_path):
         "WORLD_SIZE": "2",
         "LOCAL_WORLD_SIZE": "2",
     }
+    argv = [
+        sys.executable,
+        "-m",
+        "resnetkit",
+        "eval",
+        "--checkpoint",
+        str(tiny["checkpoint"]),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(tiny["checkpoint"]), str(out)],
+            argv,
             env={**common, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE,
             text=True,
         )
         for r in (0, 1)
     ]
-    for proc in procs:
-        output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, output[-3000:]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr[-3000:]
+    assert outputs[1][0] == "", "only rank 0 prints"
+    result = json.loads(outputs[0][0])
+    assert json.loads((out / "eval.json").read_text()) == result  # written once, by rank 0
+    assert (out / "misclassified.png").is_file()
+
     single = evaluate(tiny["checkpoint"], split="test", workers=0)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["shard"] for r in ranks] == [12, 11]  # 23 samples: no padding, no duplicates
-    for rank in ranks:
-        result = rank["result"]
-        assert result["world_size"] == 2 and result["num_samples"] == 23
-        assert result["confusion_matrix"] == single["confusion_matrix"]
-        for key in ("top1", "top5", "loss", "ece", "f1_macro", "precision_weighted", "recall_macro"):
-            assert result[key] == pytest.approx(single[key], abs=1e-9), key
-        assert [m["confidence"] for m in result["misclassified"]] == pytest.approx(
-            [m["confidence"] for m in single["misclassified"]], abs=1e-6
-        )
-    assert (out / "eval.json").is_file() and (out / "misclassified.png").is_file()  # written once, by rank 0
+    assert result["world_size"] == 2 and result["samples_per_rank"] == [12, 11]  # 23 = 12 + 11: no duplicates
+    assert result["num_samples"] == single["num_samples"] == 23
+    assert result["confusion_matrix"] == single["confusion_matrix"]
+    for key in ("top1", "top5", "loss", "ece", "f1_macro", "precision_weighted", "recall_macro"):
+        assert result[key] == pytest.approx(single[key], abs=1e-9), key
+    assert [b["count"] for b in result["calibration"]] == [b["count"] for b in single["calibration"]]
+    for key in ("confidence", "accuracy"):
+        values = [(b[key], c[key]) for b, c in zip(result["calibration"], single["calibration"]) if b["count"]]
+        assert [v for v, _ in values] == pytest.approx([v for _, v in values], abs=1e-9), key
+    assert [m["confidence"] for m in result["misclassified"]] == pytest.approx(
+        [m["confidence"] for m in single["misclassified"]], abs=1e-6
+    )

@@ -111,6 +111,16 @@ def print_summary(result: dict, out: Path | None) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from resnetkit.train.distributed import cleanup, setup
+
+    info = setup(args.device)  # under torchrun: join the process group, each rank evaluates its shard
+    try:
+        return _eval(args, info)
+    finally:
+        cleanup()
+
+
+def _eval(args: argparse.Namespace, info) -> int:
     from resnetkit.cli import UserError
     from resnetkit.evaluate import default_preprocess, evaluate, load_bare_model
 
@@ -120,8 +130,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         root=args.root,
         batch_size=args.batch_size,
         workers=args.workers,
-        device=args.device,
-        progress=not args.json,
+        device=info.device,
+        progress=not args.json and info.is_main,
     )
     if args.checkpoint:
         if args.weights or args.preset:
@@ -140,6 +150,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(
             model, args.data, out_dir=out, classes=classes, preprocess=preprocess, model_name=args.model, **common
         )
+    if not info.is_main:
+        return 0
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -195,10 +195,19 @@ def evaluate(
     result["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
     result["device"] = str(device)
     result["world_size"] = world_size
+    result["samples_per_rank"] = _gather_counts(int(metrics.confusion.sum()))  # local counts, before the reduction
     result["seconds"] = round(time.time() - started, 3)
     if out_dir is not None and rank == 0:
         write_outputs(result, worst, preprocess, out_dir)
     return result
+
+
+def _gather_counts(count: int) -> list[int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [count]
+    counts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, count)
+    return counts
 
 
 class _progress:
