@@ -43,7 +43,7 @@ def main() -> None:
         args.data or cfg["data"], args.split, size, num_images=cfg["num_images"], seed=cfg["seed"]
     )
     n = min(args.count, len(dataset))
-    fig, axes = plt.subplots(3, n, figsize=(1.9 * n, 6.2), squeeze=False)
+    fig, axes = plt.subplots(3, n, figsize=(2.1 * n, 6.4), squeeze=False)
     print("| image | true class | IoU of that class | predicted classes |")
     print("|---:|---|---:|---|")
     for i in range(n):
@@ -61,12 +61,16 @@ def main() -> None:
             overlay(image, truth, 0.55).resize(big, Image.NEAREST),
             overlay(image, pred, 0.55).resize(big, Image.NEAREST),
         ]
-        predicted = sorted({classes[c] for c in np.unique(pred) if c != 0})
-        titles = ["image", f"truth: {classes[fg]}", f"{', '.join(predicted) or 'nothing'}\nIoU {iou:.2f}"]
+        # Name the class covering most of the predicted foreground; count the others (a stray pixel names a class).
+        counts = np.bincount(pred.reshape(-1), minlength=len(classes))[1:]
+        order = [int(c) + 1 for c in np.argsort(-counts) if counts[c] > 0]
+        predicted = [classes[c] for c in order]
+        main = f"{predicted[0]}" + (f" +{len(order) - 1} more" if len(order) > 1 else "") if order else "nothing"
+        titles = ["image", f"truth: {classes[fg]}", f"predicted: {main}\nIoU of {classes[fg]}: {iou:.2f}"]
         for row, (panel, title) in enumerate(zip(panels, titles)):
             ax = axes[row, i]
             ax.imshow(panel)
-            ax.set_title(title, fontsize=9)
+            ax.set_title(title, fontsize=8.5)
             ax.axis("off")
         print(f"| {i} | {classes[fg]} | {iou:.3f} | {', '.join(predicted)} |")
     fig.suptitle(f"{cfg['head']} on {cfg['model']}: {args.split} images, true masks, predictions", fontsize=10)
