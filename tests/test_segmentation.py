@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,6 +222,10 @@ def test_shapes_set_has_background_and_ten_shapes():
 
 
 def test_config_validation():
+    import yaml
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "segment_shapes.yaml"
+    assert SegmentationConfig.from_dict(yaml.safe_load(recipe.read_text())).model == "resnet20"
     with pytest.raises(ValueError, match="did you mean epochs"):
         SegmentationConfig.from_dict({"epoch": 3})
     with pytest.raises(ValueError, match="epochs: expected int, got 'ten'"):
