@@ -99,7 +99,8 @@ def test_no_mistakes_still_gives_a_readable_grid(tmp_path):
     assert metrics.gathered_worst() == []
     result.update(metrics.compute(result["classes"]))
     write_outputs(result, [], PREPROCESS, tmp_path)
-    assert _png(tmp_path / "misclassified.png").std() > 3  # the "no misclassified images" note
+    pixels = _png(tmp_path / "misclassified.png")  # the title and the "no misclassified images" note
+    assert pixels.shape[:2] == (160, 500) and pixels.std() > 3
 
 
 class _Resources(HTMLParser):

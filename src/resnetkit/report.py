@@ -163,6 +163,8 @@ def plot_reliability(calibration: list[dict[str, Any]], ece: float, path: str | 
 
 
 def misclassified_figsize(count: int) -> tuple[float, float]:
+    if count == 0:
+        return 5.0, 1.6  # room for the title and the "no misclassified images" note
     cols = min(5, max(count, 1))
     rows = max(1, int(np.ceil(count / cols)))
     return 2.1 * cols, 2.45 * rows
