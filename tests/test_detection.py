@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from torchvision.io import decode_image, write_png
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from resnetkit.cli import main
@@ -22,6 +21,8 @@ from resnetkit.tasks.detection import (
     freeze_batchnorm,
     load_detection_data,
     read_coco,
+    read_rgb,
+    save_rgb,
 )
 
 # Small and cheap: a detector for 64-128 px images with slim pyramid and heads.
@@ -58,7 +59,7 @@ def make_coco(root: Path, splits=(("train", 4), ("val", 3)), size: int = 96) -> 
         images, annotations = [], []
         for i in range(n):
             image, bbox = _scene(generator, size)
-            write_png(image, str(root / f"{split}{i}.png"))
+            save_rgb(image, root / f"{split}{i}.png")
             images.append({"id": 100 + i, "file_name": f"{split}{i}.png", "width": size, "height": size})
             annotations.append({"id": i + 1, "image_id": 100 + i, "category_id": 7, "bbox": bbox, "iscrowd": 0})
         data = {"images": images, "annotations": annotations, "categories": [{"id": 7, "name": "box"}]}
@@ -441,8 +442,8 @@ def test_detect_command_end_to_end(tmp_path, capsys):
         )
         == 0
     )
-    drawn = decode_image(str(out / "val0.png"))
-    assert drawn.shape == decode_image(str(data / "val0.png")).shape
+    drawn = read_rgb(out / "val0.png")
+    assert drawn.shape == read_rgb(data / "val0.png").shape
     records = json.loads((out / "predictions.json").read_text())
     assert records[0]["image"].endswith("val0.png") and all(d["label"] == "box" for d in records[0]["detections"])
 

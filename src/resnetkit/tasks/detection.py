@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -48,6 +47,8 @@ __all__ = [
     "load_detection_config",
     "load_detection_data",
     "predict_images",
+    "read_rgb",
+    "save_rgb",
     "train_detector",
 ]
 
@@ -283,7 +284,7 @@ class DetectionDataset(Dataset):
         path = self.paths[i]
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path} (listed in {self.source})")
-        return decode_image(str(path), mode=ImageReadMode.RGB)
+        return read_rgb(path)
 
     def target(self, i: int) -> dict[str, torch.Tensor]:
         """The i-th annotation, untransformed."""
@@ -300,6 +301,28 @@ class DetectionDataset(Dataset):
         return image.as_subclass(torch.Tensor), {
             k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in target.items()
         }
+
+
+def read_rgb(path: str | Path) -> torch.Tensor:
+    """An image file as a uint8 RGB tensor (3, H, W); the message names the file when it is missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return v2.functional.pil_to_tensor(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def save_rgb(image: torch.Tensor, path: str | Path) -> Path:
+    """Write a uint8 (3, H, W) tensor as an image file (format from the suffix)."""
+    from PIL import Image
+
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path)
+    return Path(path)
 
 
 def _xywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
@@ -801,9 +824,7 @@ def predict_images(model: FasterRCNN, paths: list[str | Path], batch_size: int =
     for start in range(0, len(paths), batch_size):
         images = []
         for p in paths[start : start + batch_size]:
-            if not Path(p).is_file():
-                raise FileNotFoundError(f"image not found: {p}")
-            images.append(decode_image(str(p), mode=ImageReadMode.RGB).float().div(255).to(device))
+            images.append(read_rgb(p).float().div(255).to(device))
         results += predict_batch(model, images)
     return results
 

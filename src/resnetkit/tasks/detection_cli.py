@@ -163,9 +163,7 @@ def _image_files(items: list[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from torchvision.io import ImageReadMode, decode_image, write_png
-
-    from resnetkit.tasks.detection import detector_from_checkpoint, draw_detections, predict_images
+    from resnetkit.tasks.detection import detector_from_checkpoint, draw_detections, predict_images, read_rgb, save_rgb
 
     model, ckpt = detector_from_checkpoint(args.checkpoint, device=args.device)
     classes = ckpt["classes"]
@@ -174,9 +172,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for path, det in zip(files, predict_images(model, files)):
-        drawn = draw_detections(decode_image(str(path), mode=ImageReadMode.RGB), det, classes, args.score_thresh)
+        drawn = draw_detections(read_rgb(path), det, classes, args.score_thresh)
         target = out / f"{path.stem}.png"
-        write_png(drawn, str(target))
+        save_rgb(drawn, target)
         keep = det["scores"] >= args.score_thresh
         boxes = [
             {"label": classes[int(c) - 1], "score": round(float(s), 4), "box": [round(v, 1) for v in b]}
