@@ -98,6 +98,9 @@ def main() -> None:
     parser.add_argument("--test-per-class", type=int, default=1000, help="test images per class (max 1000)")
     parser.add_argument("--calib", type=int, default=512, help="calibration images, from the training split")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a crowded machine)")
+    parser.add_argument("--method", default="minmax", help="calibration: minmax, percentile or entropy")
+    parser.add_argument("--fp32-ends", action="store_true", help="keep the first conv and the classifier in fp32")
+    parser.add_argument("--ops", default=None, help="quantise only these ONNX op types, e.g. Conv,Gemm")
     parser.add_argument("--checkpoint", type=Path, default=None, help="reuse this model instead of training")
     parser.add_argument("--save", type=Path, default=Path(tempfile.gettempdir()) / "int8_agreement.pt")
     args = parser.parse_args()
@@ -138,7 +141,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path, int8_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         report = export_model(model, fp32_path, "onnx", preprocess, classes, model_name=args.model)
-        quantize_onnx(fp32_path, int8_path, calibration)
+        quantize_onnx(
+            fp32_path,
+            int8_path,
+            calibration,
+            method=args.method,
+            fp32_ends=args.fp32_ends,
+            op_types=args.ops.split(",") if args.ops else None,
+        )
         fp32_ort, int8_ort = OnnxRuntimeModel(fp32_path), OnnxRuntimeModel(int8_path)
         eager = logits_of(model, test_x)
         fp32 = logits_of(fp32_ort, test_x)
@@ -152,7 +162,9 @@ def main() -> None:
         f"\n{args.model} trained on {len(train_x)} CIFAR-10 JPEGs ({args.epochs} epochs), int8 calibrated on "
         f"{args.calib} training images, compared on {n} test images"
     )
-    print(f"ONNX export max |onnx - eager| = {report.max_abs_diff:.2e}\n")
+    ends = ", first conv and classifier kept in fp32" if args.fp32_ends else ""
+    ends += f", only {args.ops} quantised" if args.ops else ""
+    print(f"int8 calibration: {args.method}{ends}; ONNX export max |onnx - eager| = {report.max_abs_diff:.2e}\n")
     print("| model | top-1 accuracy | top-1 agreement with fp32 |")
     print("|---|---:|---:|")
     print(f"| fp32 eager (PyTorch) | {100 * accuracy(eager):.2f}% | (reference) |")
