@@ -182,7 +182,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
             pts = [(e, v) for e, v in pts if v is not None and math.isfinite(v)]
             if pts:
                 ax.plot(*zip(*pts), style, markersize=3, label=split)
-        ax.set_title(metric.replace("_", " "))
+        ax.set_title({"acc": "accuracy"}.get(metric, metric.replace("_", " ")))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
