@@ -171,6 +171,16 @@ def main() -> None:
     print(f"| fp32 onnxruntime | {100 * accuracy(fp32):.2f}% | {100 * top1_agreement(eager, fp32):.2f}% |")
     agreement = top1_agreement(eager, int8)
     print(f"| int8 onnxruntime (QDQ, per-channel) | {100 * accuracy(int8):.2f}% | {100 * agreement:.2f}% |")
+    # Where do they disagree? The fp32 margin between the top two softmax probabilities, on those images vs all.
+    top2 = eager.softmax(1).topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1]
+    differ = eager.argmax(1) != int8.argmax(1)
+    if differ.any():
+        print(
+            f"\nfp32 top-1 minus top-2 probability: median {margin.median():.3f} over all images, "
+            f"{margin[differ].median():.3f} (max {margin[differ].max():.3f}) over the {int(differ.sum())} "
+            "that differ"
+        )
     print(
         f"\nint8 vs fp32 top-1 agreement: {100 * agreement:.2f}% on {n} held-out images "
         f"({round((1 - agreement) * n)} disagree); target >= 99%: {'met' if agreement >= 0.99 else 'MISSED'}"
