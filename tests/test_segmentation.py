@@ -258,17 +258,18 @@ def test_overlay_blends_palette_colours_and_keeps_background():
 
 
 def test_short_training_overfits_shapes(tmp_path):
-    # 8 shapes images, 80 AdamW steps of a CIFAR ResNet-20 U-Net: every shape's outline learnt pixel by pixel.
+    # A handful (4) of shapes images, 80 AdamW steps of a CIFAR ResNet-20 U-Net: each shape's outline and class learnt
+    # pixel by pixel. Train-set mIoU with seeds 0, 1, 2: 0.964, 0.944, 0.970 (8 images at lr 2e-2 varied 0.42-0.95).
     result = train_segmentation(
         dict(
             data="shapes",
             model="resnet20",
             image_size=32,
-            num_images=8,
-            batch_size=8,
+            num_images=4,
+            batch_size=4,
             repeat=20,
             epochs=4,
-            lr=2e-2,
+            lr=1e-2,
             decoder_channels=64,
             output_dir=str(tmp_path),
             name="shapes",
@@ -283,7 +284,7 @@ def test_short_training_overfits_shapes(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     report = evaluate_segmentation(result.last_checkpoint, split="train")
-    assert report["num_images"] == 8
+    assert report["num_images"] == 4
     assert report["miou"] > 0.8, report
     model, ckpt = segmentation_model_from_checkpoint(result.best_checkpoint)
     assert ckpt["task"] == "segmentation" and ckpt["classes"][0] == "background" and not model.training
