@@ -377,36 +377,17 @@ def test_draw_detections():
 def test_detect_command_end_to_end(tmp_path, capsys):
     data = make_coco(tmp_path / "data")
     run = tmp_path / "run"
-    common = [
-        "--data",
-        str(data),
-        "--backbone",
-        "resnet18",
-        "--image-size",
-        "96",
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        "--val-split",
-        "val",
-        "--out",
-        str(run),
-        "--lr",
-        "0.005",
-        "--optimizer",
-        "adamw",
-        "--set",
-        "model.fpn_channels=32",
-        "--set",
-        "model.representation_size=64",
-        "--set",
-        "model.proposals_train=50",
-        "--set",
-        "model.proposals_test=20",
-        "--set",
-        "warmup_steps=1",
-    ]
+    # resnet20 (a CIFAR ResNet: three stages at strides 1, 2, 4) keeps the checkpoints small and the steps quick.
+    common = f"--data {data} --backbone resnet20 --image-size 96 --batch-size 2 --workers 0 --val-split val --out {run}"
+    common = common.split() + ["--lr", "0.005", "--optimizer", "adamw", "--set", "warmup_steps=1"]
+    for option in (
+        "fpn_channels=32",
+        "representation_size=64",
+        "proposals_train=50",
+        "proposals_test=20",
+        "anchor_sizes=[16, 32, 64, 128]",
+    ):
+        common += ["--set", f"model.{option}"]
     assert main(["detect", "train", *common, "--epochs", "1"]) == 0
     for name in ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "curves.png"):
         assert (run / name).is_file(), name
@@ -454,6 +435,8 @@ def test_detect_command_bad_input(tmp_path, capsys):
     assert main(["detect", "train", "--data", str(tmp_path), "--set", "model.fpn_chanels=8"]) == 2
     err = capsys.readouterr().err
     assert "fpn_chanels" in err and "did you mean fpn_channels" in err
+    assert main(["detect", "train", "--data", str(tmp_path), "--set", "epochs=ten"]) == 2
+    assert "epochs must be int, got 'ten'" in capsys.readouterr().err
     assert main(["detect", "predict", str(tmp_path / "missing.pt"), "x.png"]) == 2
     assert "missing.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:

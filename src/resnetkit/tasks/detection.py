@@ -166,6 +166,8 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         from resnetkit.models import list_models
 
+        _check_types(self, "model")
+
         if self.backbone not in list_models():
             from difflib import get_close_matches
 
@@ -573,6 +575,7 @@ class DetectionConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = DetectorConfig(**_known(self.model, DetectorConfig, "model"))
+        _check_types(self, "config")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         for name in ("epochs", "batch_size", "image_size"):
@@ -582,6 +585,23 @@ class DetectionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> DetectionConfig:
         return cls(**_known(data, cls, where))
+
+
+_SIMPLE_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list[int]": (list,)}
+
+
+def _check_types(obj: Any, where: str) -> None:
+    """Refuse a value of the wrong type (e.g. `--set epochs=ten`) with the field's name, before it is used."""
+    for f in fields(obj):
+        kind, optional = str(f.type), False
+        if kind.endswith(" | None"):
+            kind, optional = kind[: -len(" | None")], True
+        value = getattr(obj, f.name)
+        if kind not in _SIMPLE_TYPES or (optional and value is None):
+            continue
+        ok = isinstance(value, _SIMPLE_TYPES[kind]) and not (kind in ("int", "float") and isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"{where}: {f.name} must be {f.type}, got {value!r}")
 
 
 def _known(data: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
