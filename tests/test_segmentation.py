@@ -313,6 +313,8 @@ def test_cli_train_resume_eval_predict(tmp_path, capsys, monkeypatch):
         "2",
         "--decoder-channels",
         "16",
+        "--threads",
+        "1",
         "--epochs",
         "2",
         "--output-dir",
