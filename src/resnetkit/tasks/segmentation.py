@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -684,7 +683,6 @@ def train_segmentation(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     device = _device(cfg.device)
     train_set = build_segmentation_dataset(cfg.data, "train", cfg.image_size, num_images=cfg.num_images, seed=cfg.seed)
     val_set = build_segmentation_dataset(cfg.data, "val", cfg.image_size, num_images=cfg.num_images, seed=cfg.seed)
@@ -719,6 +717,8 @@ def train_segmentation(
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start_epoch = ckpt["epoch"] + 1
         best_miou = ckpt.get("best_miou", -1.0)
     preprocess = {
