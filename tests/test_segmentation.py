@@ -69,6 +69,18 @@ def test_unet_uses_every_stage_and_fcn_only_the_last(head):
     assert used == ([True] * 5 if head == "unet" else [False] * 4 + [True])
 
 
+def test_encoder_loads_weights_from_a_file(tmp_path):
+    # The path `weights="imagenet"` takes once downloaded: a classifier's state dict becomes the encoder's weights.
+    from resnetkit import create_model
+
+    classifier = create_model("resnet18", num_classes=10)
+    torch.save(classifier.state_dict(), tmp_path / "resnet18.pth")
+    model = create_segmentation_model("fcn", "resnet18", num_classes=3, weights=str(tmp_path / "resnet18.pth"))
+    encoder = model.encoder.state_dict()
+    assert torch.equal(encoder["layer4.1.conv2.weight"], classifier.state_dict()["layer4.1.conv2.weight"])
+    assert not any(k.startswith("fc.") for k in encoder)  # the classifier head is dropped
+
+
 def test_encoder_options_and_bad_names():
     model = create_segmentation_model("unet", "resnet20", num_classes=4, decoder_channels=32)
     assert model(torch.randn(2, 3, 33, 31)).shape == (2, 4, 33, 31)
