@@ -1,6 +1,6 @@
 """Fast CPU inference: BatchNorm folded into the convolutions, channels_last, inference mode; and onnxruntime.
 
-    >>> fast = optimize_for_cpu(model)            # same logits as model(x) within 1e-4; 1.3-2x eager (BENCHMARKS.md)
+    >>> fast = optimize_for_cpu(model)            # same logits as model(x) within 1e-4; 1.1-2x eager (BENCHMARKS.md)
     >>> logits = fast(images)                     # float NCHW batch in, logits out
     >>> ort_model = OnnxRuntimeModel("model.onnx")  # from `resnetkit export --format onnx`
     >>> logits = ort_model(images)                # same call, a torch tensor back
