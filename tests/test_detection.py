@@ -67,6 +67,16 @@ def make_coco(root: Path, splits=(("train", 4), ("val", 3)), size: int = 96) -> 
     return root
 
 
+@pytest.fixture
+def one_thread():
+    """The training tests run on one thread: on 2 cores busy with other jobs, a detection step took 0.5 s of CPU with
+    one thread and 4 s with two (OpenMP threads spin waiting), and one thread costs little on an idle machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------------------- the model
 
 
@@ -144,7 +154,7 @@ def test_pretrained_backbone_file_is_loaded(tmp_path):
     assert learning == {"layer2", "layer3", "layer4"}
 
 
-def test_overfits_a_handful_of_images():
+def test_overfits_a_handful_of_images(one_thread):
     """Four 128 px images with one box each: a short CPU training finds every box (IoU > 0.5)."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(3)
@@ -374,7 +384,7 @@ def test_draw_detections():
 # ------------------------------------------------------------------------------------------------- the command
 
 
-def test_detect_command_end_to_end(tmp_path, capsys):
+def test_detect_command_end_to_end(tmp_path, capsys, one_thread):
     data = make_coco(tmp_path / "data")
     run = tmp_path / "run"
     # resnet20 (a CIFAR ResNet: three stages at strides 1, 2, 4) keeps the checkpoints small and the steps quick.
