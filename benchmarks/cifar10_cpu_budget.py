@@ -113,7 +113,7 @@ def fast(data: Path, budget_s: float, out: Path) -> dict:
     return {
         "acc": m["val_acc"],
         "img_s": m["images_per_s"],
-        "epochs": epochs,
+        "epochs": min(epochs, (cfg.train.max_steps or math.inf) * cfg.data.batch_size / loader.num_samples),
         "train_s": total_s,
         "cache_s": cache_s,
         "overrides": overrides,
