@@ -166,3 +166,30 @@ def test_cli_train_set_and_resume(tiny, tmp_path, capsys):
     assert load_checkpoint(tmp_path / "cli/last.pt")["epoch"] == 2
     assert main(["train", "--config", str(path), "--set", "name=other", "--resume"]) == 2
     assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_optimisation_flags_together(tiny, tmp_path):
+    """bf16 autocast, channels_last, accumulation, clipping, smoothing, cutmix+mixup, EMA, plateau with warmup."""
+    cfg = tiny_config(
+        tiny,
+        tmp_path,
+        data={"mixup_alpha": 0.2, "cutmix_alpha": 1.0},
+        optim={"name": "adamw", "lr": 0.003, "weight_decay": 0.05},
+        schedule={"name": "plateau", "per": "epoch", "warmup": 1, "patience": 0},
+        train={
+            "amp": "bf16",
+            "channels_last": True,
+            "accum_steps": 2,
+            "grad_clip": 1.0,
+            "label_smoothing": 0.1,
+            "ema": True,
+            "metric": "val_loss",
+        },
+    )
+    result = train(config_from_dict(cfg), quiet=True)
+    ckpt = load_checkpoint(result.last_checkpoint)
+    assert ckpt["global_step"] == 2 * 3  # 6 batches per epoch, 2 per optimizer step
+    assert ckpt["best"] == min(
+        json.loads(line)["val_loss"] for line in (tmp_path / "tiny/metrics.jsonl").read_text().splitlines()
+    )
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
