@@ -11,9 +11,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -e ".[dev]" -c constraints.txt
 	touch $(STAMP)
 
+# The main job: train configs/demo.yaml on the built-in shapes data, evaluate it, write its report.
+# A fresh run each time: `resnetkit train` refuses to start over a run folder that already holds last.pt.
 demo: $(STAMP)
-	$(VENV)/bin/resnetkit models
-	$(VENV)/bin/resnetkit summary resnet50
+	rm -rf runs/demo
+	$(VENV)/bin/resnetkit train --config configs/demo.yaml
+	$(VENV)/bin/resnetkit eval --checkpoint runs/demo/best.pt --out runs/demo/eval
+	$(VENV)/bin/resnetkit report runs/demo
+	@echo "demo outputs: runs/demo/ (curves.png, eval/, report.html)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
