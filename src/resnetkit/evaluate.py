@@ -151,7 +151,8 @@ def evaluate(
             data, root = _data_from_checkpoint(ckpt, str(checkpoint_or_model))
         info.update(checkpoint=str(checkpoint_or_model), model=ckpt["model_name"], epoch=ckpt.get("epoch"))
 
-    image_size = preprocess["input_size"] if str(data) == "shapes" else None
+    is_shapes = str(data) == "shapes" or str(data).startswith("shapes:")
+    image_size = preprocess["input_size"] if is_shapes else None  # shapes renders at the trained size
     dataset = build_dataset(data, split, root=root, transform=eval_transform_from(preprocess), image_size=image_size)
     classes = list(classes or dataset.classes)
     label_map = _label_map(dataset.classes, classes, str(data))
