@@ -16,6 +16,18 @@ from resnetkit.tasks.detection import create_detector  # noqa: E402
 from resnetkit.tasks.segmentation import create_segmentation_model  # noqa: E402
 from resnetkit.train import train  # noqa: E402  (the function; the package stays importable as resnetkit.train.*)
 
-__all__ = ["__version__", "create_model", "list_models", "load_weights", "train", "evaluate", "Predictor",
-           "export_model", "optimize_for_cpu", "build_dataset", "build_loader",
-           "create_segmentation_model", "create_detector"]
+__all__ = [
+    "__version__",
+    "create_model",
+    "list_models",
+    "load_weights",
+    "train",
+    "evaluate",
+    "Predictor",
+    "export_model",
+    "optimize_for_cpu",
+    "build_dataset",
+    "build_loader",
+    "create_segmentation_model",
+    "create_detector",
+]
