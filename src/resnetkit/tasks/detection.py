@@ -646,15 +646,6 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-
-
 def train_one_epoch(
     model: FasterRCNN,
     loader: DataLoader,
@@ -699,6 +690,7 @@ def train_detector(config: DetectionConfig, resume: bool = False) -> dict[str, A
 
     from resnetkit import __version__
     from resnetkit.checkpoint import load_checkpoint, save_checkpoint
+    from resnetkit.train.fit import rng_state, set_rng_state
     from resnetkit.train.monitor import RunLogger
 
     out = Path(config.out)
@@ -763,7 +755,7 @@ def train_detector(config: DetectionConfig, resume: bool = False) -> dict[str, A
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        _restore_rng(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         generator.set_state(ckpt["rng"]["loader"])
         start_epoch, best = ckpt["epoch"], ckpt.get("best_score", -math.inf)
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
@@ -808,7 +800,7 @@ def train_detector(config: DetectionConfig, resume: bool = False) -> dict[str, A
             "step": 0,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": {**_rng_state(), "loader": generator.get_state()},
+            "rng": {**rng_state(), "loader": generator.get_state()},
             "metrics": metrics,
             "best_score": best,
             "version": __version__,

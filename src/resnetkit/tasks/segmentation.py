@@ -612,13 +612,6 @@ def _loader(dataset, batch_size: int, workers: int, generator=None, repeat: int 
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def train_one_epoch(
     model, loader, loss_fn, optimizer, scheduler, device, cfg: SegmentationConfig, progress=None
 ) -> dict[str, float]:
@@ -677,6 +670,7 @@ def train_segmentation(
     import yaml
 
     from resnetkit.checkpoint import load_checkpoint, save_checkpoint
+    from resnetkit.train.fit import rng_state, set_rng_state
     from resnetkit.train.monitor import Progress, RunLogger
 
     cfg = config if isinstance(config, SegmentationConfig) else SegmentationConfig.from_dict(config)
@@ -716,9 +710,7 @@ def train_segmentation(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        set_rng_state(ckpt["rng"])
         start_epoch = ckpt["epoch"] + 1
         best_miou = ckpt.get("best_miou", -1.0)
     preprocess = {
@@ -744,7 +736,7 @@ def train_segmentation(
             "step": 0,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "metrics": metrics,
             "best_miou": best_miou,
             "version": __version__,
