@@ -6,24 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from test_export import trained_looking  # BN statistics that make folding matter
 
 from resnetkit.cli import main
 from resnetkit.deploy.engine import OnnxRuntimeModel, fold_batchnorm, optimize_for_cpu
 from resnetkit.deploy.export import export_model
 from resnetkit.deploy.quantize import quantize_model, top1_agreement
 from resnetkit.models import BasicBlock, create_model
-
-
-def trained_looking(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so that folding BN really changes the weights."""
-    generator = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=generator) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=generator) * 0.4 - 0.2)
-    return model.eval()
 
 
 def count(model: nn.Module, kind: type) -> int:
