@@ -15,9 +15,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import yaml
+
+T = TypeVar("T")
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "onecycle", "plateau")
@@ -296,8 +298,17 @@ def _build(cls, data: Any, prefix: str):
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     """Validate a plain dict (as read from YAML) into a Config; errors name `source` and the key."""
+    return dataclass_from_dict(Config, data, source)
+
+
+def dataclass_from_dict(cls: type[T], data: dict[str, Any] | None, source: str = "config") -> T:
+    """Any config dataclass (this module's Config, detection's and segmentation's) from a plain dict.
+
+    Unknown keys are refused with the closest known one, values are checked against the field annotations (nested
+    dataclasses recursively), and every error is one ConfigError naming `source` and the dotted key.
+    """
     try:
-        return _build(Config, data or {}, "")
+        return _build(cls, data or {}, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScaleRoIAlign, box_convert
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms import v2
+
+from resnetkit.config import dataclass_from_dict
 
 __all__ = [
     "DetectorConfig",
@@ -166,8 +168,6 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         from resnetkit.models import list_models
 
-        _check_types(self, "model")
-
         if self.backbone not in list_models():
             from difflib import get_close_matches
 
@@ -184,7 +184,7 @@ def create_detector(config: DetectorConfig | None = None, **options: Any) -> Fas
     """Faster R-CNN + FPN on a zoo backbone, e.g. `create_detector(backbone="resnet18", num_classes=1)`."""
     from resnetkit.models import create_model
 
-    config = config or DetectorConfig(**options)
+    config = config or dataclass_from_dict(DetectorConfig, options, "model")
     pretrained = config.weights is not None
     trainable = config.trainable_layers
     body = create_model(config.backbone, weights=config.weights)
@@ -573,9 +573,6 @@ class DetectionConfig:
     threads spin waiting for each other)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = DetectorConfig(**_known(self.model, DetectorConfig, "model"))
-        _check_types(self, "config")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         for name in ("epochs", "batch_size", "image_size"):
@@ -584,36 +581,7 @@ class DetectionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> DetectionConfig:
-        return cls(**_known(data, cls, where))
-
-
-_SIMPLE_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list[int]": (list,)}
-
-
-def _check_types(obj: Any, where: str) -> None:
-    """Refuse a value of the wrong type (e.g. `--set epochs=ten`) with the field's name, before it is used."""
-    for f in fields(obj):
-        kind, optional = str(f.type), False
-        if kind.endswith(" | None"):
-            kind, optional = kind[: -len(" | None")], True
-        value = getattr(obj, f.name)
-        if kind not in _SIMPLE_TYPES or (optional and value is None):
-            continue
-        ok = isinstance(value, _SIMPLE_TYPES[kind]) and not (kind in ("int", "float") and isinstance(value, bool))
-        if not ok:
-            raise ValueError(f"{where}: {f.name} must be {f.type}, got {value!r}")
-
-
-def _known(data: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
-    names = [f.name for f in fields(cls)]
-    for key in data:
-        if key not in names:
-            from difflib import get_close_matches
-
-            close = get_close_matches(key, names, n=2)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"{where}: unknown key {key!r}{hint} (known: {', '.join(names)})")
-    return dict(data)
+        return dataclass_from_dict(cls, data, where)
 
 
 def load_detection_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> DetectionConfig:
@@ -821,7 +789,7 @@ def detector_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Fas
     if ckpt.get("task") != "detection":
         raise ValueError(f"{path} is not a detection checkpoint (written by `resnetkit detect train`)")
     kwargs = dict(ckpt["model_kwargs"], weights=None)  # the checkpoint holds every weight
-    model = create_detector(DetectorConfig(**kwargs))
+    model = create_detector(dataclass_from_dict(DetectorConfig, kwargs, f"{path}: model_kwargs"))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 

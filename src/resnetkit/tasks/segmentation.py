@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from resnetkit.config import dataclass_from_dict
+
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -547,34 +549,8 @@ class SegmentationConfig:
             raise ValueError("mean and std need 3 values each (R, G, B)")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SegmentationConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            import difflib
-
-            hints = [m for k in unknown for m in difflib.get_close_matches(k, known, n=1)]
-            hint = f"; did you mean {', '.join(hints)}?" if hints else ""
-            raise ValueError(f"unknown segmentation config key(s) {unknown}{hint}")
-        # Field types are strings here (postponed annotations): check the YAML's scalars against them by name.
-        kinds = {
-            "int": (int,),
-            "float": (int, float),
-            "bool": (bool,),
-            "str": (str,),
-            "str | None": (str, type(None)),
-            "int | None": (int, type(None)),
-        }
-        for f in dataclasses.fields(cls):
-            expected = kinds.get(str(f.type))
-            value = values.get(f.name)
-            if (
-                f.name in values
-                and expected
-                and (not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected))
-            ):
-                raise ValueError(f"{f.name}: expected {f.type}, got {value!r}")
-        return cls(**values)
+    def from_dict(cls, values: dict[str, Any], source: str = "segmentation config") -> SegmentationConfig:
+        return dataclass_from_dict(cls, values, source)
 
 
 @dataclass

@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of SegmentationConfig fields")
     values.update({k: getattr(args, k) for k in _TRAIN_FIELDS if getattr(args, k) is not None})
-    config = SegmentationConfig.from_dict(values)
+    config = SegmentationConfig.from_dict(values, str(args.config) if args.config else "segmentation config")
     result = train_segmentation(config, resume=args.resume)
     print(f"run folder: {result.run_dir}")
     print(
