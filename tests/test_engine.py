@@ -78,6 +78,20 @@ def test_onnxruntime_model_takes_tensors_and_arrays_at_any_batch(tmp_path):
     assert engine.preprocess["input_size"] == 32 and engine.classes is None
 
 
+def test_optimize_for_cpu_on_onnxruntime_matches_eager():
+    model = trained_looking(create_model("resnet18", num_classes=6))
+    fast = optimize_for_cpu(model, backend="onnxruntime", input_size=32, threads=1)
+    assert isinstance(fast, OnnxRuntimeModel)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max().item() <= 1e-4
+    assert count(model, nn.BatchNorm2d) > 0  # the original is untouched
+    with pytest.raises(ValueError, match="needs input_size"):
+        optimize_for_cpu(model, backend="onnxruntime")
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        optimize_for_cpu(model, backend="tensorrt")
+
+
 def test_onnxruntime_model_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="ONNX model not found: .*nothing.onnx"):
         OnnxRuntimeModel(tmp_path / "nothing.onnx")
@@ -175,7 +189,8 @@ def test_bench_infer_prints_one_table_with_every_backend(capsys):
         "torchvision eager",
         "resnetkit eager",
         "resnetkit optimised",
-        "onnxruntime",
+        "resnetkit onnxruntime",
+        "onnxruntime default",
         "int8",
     ]
     assert table[0].split("|")[5].strip() == "1.00x"  # the baseline's ratio to itself

@@ -4,11 +4,13 @@
 
 Rows: torchvision eager (NCHW, as users write it), resnetkit eager, resnetkit optimised (BN folded, channels_last,
 inference mode), optionally resnetkit compiled (the same plus torch.compile with Inductor freezing; minutes of
-compilation per batch size, so only with --backends), onnxruntime (fp32, all graph optimisations) and int8
-(onnxruntime QDQ, calibrated on random images: speed does not depend on the weights; for accuracy see
-benchmarks/int8_agreement.py). Each row gives images/s, the median latency of one batch, the ratio to torchvision
-eager, and the fraction of the machine's fp32 matrix-multiply throughput (a large torch.mm measured in the same run)
-that the model's FLOPs reach.
+compilation per batch size, so only with --backends), resnetkit onnxruntime (`optimize_for_cpu(backend=
+"onnxruntime")`: the verified export run with every graph optimisation), onnxruntime default (the peer: the model
+exported with plain `torch.onnx.export` and run in an `InferenceSession` with default options, only the thread count
+set to match) and int8 (onnxruntime QDQ, calibrated on random images: speed does not depend on the weights; for
+accuracy see benchmarks/int8_agreement.py). Each row gives images/s, the median latency of one batch, the ratio to
+torchvision eager, and the fraction of the machine's fp32 matrix-multiply throughput (a large torch.mm measured in the
+same run) that the model's FLOPs reach.
 
 The timed calls are interleaved (one call of each path in turn, `iters` rounds), so that load from other jobs on a
 shared machine falls on every path alike and the ratios stay meaningful even when the absolute numbers do not.
@@ -31,7 +33,8 @@ BACKENDS = (
     "resnetkit eager",
     "resnetkit optimised",
     "resnetkit compiled",
-    "onnxruntime",
+    "resnetkit onnxruntime",
+    "onnxruntime default",
     "int8",
 )
 # torch.compile costs minutes per batch size on 2 cores: measured when asked for (--backends), not by default.
@@ -89,6 +92,7 @@ def build_backends(
     from resnetkit.deploy.quantize import quantize_onnx
     from resnetkit.models import create_model
 
+    torch.manual_seed(0)  # random weights, but the same each run: the exports' 1e-4 check sees the same logits
     model = create_model(name).eval()
     preprocess = {"input_size": input_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     calls: dict[str, Callable[[torch.Tensor], object]] = {}
@@ -100,7 +104,8 @@ def build_backends(
 
         return run
 
-    if "torchvision eager" in backends and (tv := _torchvision_model(name)) is not None:
+    tv = _torchvision_model(name)
+    if "torchvision eager" in backends and tv is not None:
         calls["torchvision eager"] = eager(tv)
     if "resnetkit eager" in backends:
         calls["resnetkit eager"] = eager(model)
@@ -108,17 +113,50 @@ def build_backends(
         calls["resnetkit optimised"] = optimize_for_cpu(model)
     if "resnetkit compiled" in backends:
         calls["resnetkit compiled"] = optimize_for_cpu(model, compile=True)
-    if "onnxruntime" in backends or "int8" in backends:
+    if "resnetkit onnxruntime" in backends:
+        calls["resnetkit onnxruntime"] = optimize_for_cpu(
+            model, backend="onnxruntime", input_size=input_size, threads=threads
+        )
+    if "onnxruntime default" in backends:
+        calls["onnxruntime default"] = _onnxruntime_default(
+            tv if tv is not None else model, input_size, threads, work_dir
+        )
+    if "int8" in backends:
         fp32 = work_dir / f"{name}.onnx"
         export_model(model, fp32, "onnx", preprocess, model_name=name)
-        if "onnxruntime" in backends:
-            calls["onnxruntime"] = OnnxRuntimeModel(fp32, threads=threads)
-        if "int8" in backends:
-            generator = torch.Generator().manual_seed(0)
-            calibration = [torch.randn(4, 3, input_size, input_size, generator=generator) for _ in range(2)]
-            int8 = quantize_onnx(fp32, work_dir / f"{name}.int8.onnx", calibration)
-            calls["int8"] = OnnxRuntimeModel(int8, threads=threads)
+        generator = torch.Generator().manual_seed(0)
+        calibration = [torch.randn(4, 3, input_size, input_size, generator=generator) for _ in range(2)]
+        int8 = quantize_onnx(fp32, work_dir / f"{name}.int8.onnx", calibration)
+        calls["int8"] = OnnxRuntimeModel(int8, threads=threads)
     return calls
+
+
+def _onnxruntime_default(model: nn.Module, input_size: int, threads: int, work_dir: Path) -> Callable:
+    """The peer as a user writes it: `torch.onnx.export` with a dynamic batch, then a default InferenceSession."""
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+
+    path = work_dir / "default.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.randn(1, 3, input_size, input_size),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # the only setting: the same thread count as every other row
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        return session.run(None, {"x": x.numpy()})[0]
+
+    return run
 
 
 def bench_infer(

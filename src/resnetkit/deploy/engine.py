@@ -1,6 +1,7 @@
 """Fast CPU inference: BatchNorm folded into the convolutions, channels_last, inference mode; and onnxruntime.
 
     >>> fast = optimize_for_cpu(model)            # same logits as model(x) within 1e-4; 1.1-2x eager (BENCHMARKS.md)
+    >>> fastest = optimize_for_cpu(model, backend="onnxruntime", input_size=224)  # ~3x torchvision eager
     >>> logits = fast(images)                     # float NCHW batch in, logits out
     >>> ort_model = OnnxRuntimeModel("model.onnx")  # from `resnetkit export --format onnx`
     >>> logits = ort_model(images)                # same call, a torch tensor back
@@ -102,17 +103,43 @@ class OptimizedModel(nn.Module):
             return self.model(x)
 
 
-def optimize_for_cpu(model: nn.Module, compile: bool = False) -> OptimizedModel:
-    """The fast fp32 CPU path: BN folded, channels_last, inference mode; with `compile=True` also torch.compile.
+def optimize_for_cpu(
+    model: nn.Module,
+    compile: bool = False,
+    backend: str = "torch",
+    input_size: int | None = None,
+    threads: int | None = None,
+) -> OptimizedModel | OnnxRuntimeModel:
+    """The fast fp32 CPU path. Returns a new callable (the original model is untouched) whose logits match
+    `model.eval()(x)` within 1e-4.
 
-    Returns a new module (the original is untouched) whose outputs match `model.eval()(x)` within 1e-4.
-    The compiled variant is the fastest fp32 path measured here (see BENCHMARKS.md) but pays a compilation per
-    batch size; the eager variant is ready at once.
+    backend="torch": BN folded, channels_last, inference mode; `compile=True` adds torch.compile (the fastest torch
+    variant, but it compiles once per batch size). backend="onnxruntime": the model exported to ONNX (verified
+    against eager) and run by onnxruntime with every graph optimisation, which folds BN itself and runs the
+    convolutions in its blocked NCHWc layout; the fastest fp32 path measured here (BENCHMARKS.md). It needs
+    `input_size` (the exported graph has a dynamic batch but fixed height and width) and uses `threads` threads.
     """
+    if backend == "onnxruntime":
+        if input_size is None:
+            raise ValueError("optimize_for_cpu(backend='onnxruntime') needs input_size (e.g. 224)")
+        return _onnxruntime_model(model, input_size, threads)
+    if backend != "torch":
+        raise ValueError(f"unknown backend {backend!r}; choose 'torch' or 'onnxruntime'")
     folded = fold_batchnorm(model).to(memory_format=torch.channels_last)
     if compile:
         folded = torch.compile(folded, dynamic=False)
     return OptimizedModel(folded, compiled=compile).eval()
+
+
+def _onnxruntime_model(model: nn.Module, input_size: int, threads: int | None) -> OnnxRuntimeModel:
+    import tempfile
+
+    from resnetkit.deploy.export import export_model
+
+    with tempfile.TemporaryDirectory() as tmp:  # the session holds the graph in memory: the file can go
+        path = Path(tmp) / "model.onnx"
+        export_model(model, path, "onnx", {"input_size": input_size})
+        return OnnxRuntimeModel(path, threads=threads)
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:

@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--backends",
         default=None,
         help="comma-separated, from: torchvision eager, resnetkit eager, resnetkit optimised, resnetkit compiled, "
-        "onnxruntime, int8 (default: all but resnetkit compiled, which torch.compiles for minutes per batch size)",
+        "resnetkit onnxruntime, onnxruntime default, int8 (default: all but resnetkit compiled, which torch.compiles "
+        "for minutes per batch size)",
     )
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the square fp32 matmul timed as the roofline")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown (for BENCHMARKS.md)")
