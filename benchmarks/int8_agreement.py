@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from resnetkit.checkpoint import load_checkpoint, save_checkpoint
+from resnetkit.checkpoint import model_from_checkpoint, save_checkpoint
 from resnetkit.deploy.engine import OnnxRuntimeModel
 from resnetkit.deploy.export import export_model
 from resnetkit.deploy.quantize import quantize_onnx, top1_agreement
@@ -45,9 +45,9 @@ def load_split(root: Path, split: str, per_class: int) -> tuple[torch.Tensor, to
     return x, torch.tensor(labels), classes
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    return (x.float() / 255 - mean) / std
+def normalise(x: torch.Tensor, mean: list[float] = MEAN, std: list[float] = STD) -> torch.Tensor:
+    mean_, std_ = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean_) / std_
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -83,9 +83,10 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, ep
     model.eval()
 
 
-def logits_of(call, x: torch.Tensor, batch: int = 250) -> torch.Tensor:
+def logits_of(call, x: torch.Tensor, preprocess: dict, batch: int = 250) -> torch.Tensor:
+    mean, std = preprocess["mean"], preprocess["std"]
     with torch.inference_mode():
-        return torch.cat([call(normalise(x[i : i + batch])) for i in range(0, len(x), batch)])
+        return torch.cat([call(normalise(x[i : i + batch], mean, std)) for i in range(0, len(x), batch)])
 
 
 def main() -> None:
@@ -101,7 +102,13 @@ def main() -> None:
     parser.add_argument("--method", default="minmax", help="calibration: minmax, percentile or entropy")
     parser.add_argument("--fp32-ends", action="store_true", help="keep the first conv and the classifier in fp32")
     parser.add_argument("--ops", default=None, help="quantise only these ONNX op types, e.g. Conv,Gemm")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="reuse this model instead of training")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="use this model instead of training one: a checkpoint of this script or of `resnetkit train` on the "
+        "CIFAR-10 JPEGs (its model, mean and std are used)",
+    )
     parser.add_argument("--save", type=Path, default=Path(tempfile.gettempdir()) / "int8_agreement.pt")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
@@ -116,11 +123,13 @@ def main() -> None:
     print(f"loaded {len(train_x)} train and {len(test_x)} test images in {time.time() - start:.0f}s", flush=True)
     preprocess = {"preset": "cifar", "input_size": 32, "resize": 32, "mean": MEAN, "std": STD}
 
-    model = create_model(args.model, num_classes=len(classes))
     if args.checkpoint:
-        model.load_state_dict(load_checkpoint(args.checkpoint)["model"])
-        model.eval()
+        model, ckpt = model_from_checkpoint(args.checkpoint)
+        if ckpt.get("classes") != classes:
+            raise SystemExit(f"{args.checkpoint}: its classes {ckpt.get('classes')} are not CIFAR-10's {classes}")
+        preprocess, args.model, args.epochs = ckpt["preprocess"], ckpt["model_name"], ckpt.get("epoch", "?")
     else:
+        model = create_model(args.model, num_classes=len(classes))
         train(model, train_x, train_y, args.epochs, args.batch)
         save_checkpoint(
             args.save,
@@ -137,7 +146,8 @@ def main() -> None:
 
     # Calibration: a spread of training images (every k-th, so every class is in), never the test split.
     calib_idx = torch.linspace(0, len(train_x) - 1, args.calib).long()
-    calibration = [normalise(train_x[calib_idx[i : i + 64]]) for i in range(0, args.calib, 64)]
+    mean, std = preprocess["mean"], preprocess["std"]
+    calibration = [normalise(train_x[calib_idx[i : i + 64]], mean, std) for i in range(0, args.calib, 64)]
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path, int8_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         report = export_model(model, fp32_path, "onnx", preprocess, classes, model_name=args.model)
@@ -150,17 +160,18 @@ def main() -> None:
             op_types=args.ops.split(",") if args.ops else None,
         )
         fp32_ort, int8_ort = OnnxRuntimeModel(fp32_path), OnnxRuntimeModel(int8_path)
-        eager = logits_of(model, test_x)
-        fp32 = logits_of(fp32_ort, test_x)
-        int8 = logits_of(int8_ort, test_x)
+        eager = logits_of(model, test_x, preprocess)
+        fp32 = logits_of(fp32_ort, test_x, preprocess)
+        int8 = logits_of(int8_ort, test_x, preprocess)
 
     def accuracy(logits: torch.Tensor) -> float:
         return (logits.argmax(1) == test_y).float().mean().item()
 
     n = len(test_x)
+    source = f"from {args.checkpoint}" if args.checkpoint else f"trained on {len(train_x)} CIFAR-10 JPEGs"
     print(
-        f"\n{args.model} trained on {len(train_x)} CIFAR-10 JPEGs ({args.epochs} epochs), int8 calibrated on "
-        f"{args.calib} training images, compared on {n} test images"
+        f"\n{args.model} {source} ({args.epochs} epochs), int8 calibrated on {args.calib} training images, "
+        f"compared on {n} test images"
     )
     ends = ", first conv and classifier kept in fp32" if args.fp32_ends else ""
     ends += f", only {args.ops} quantised" if args.ops else ""
