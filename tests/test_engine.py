@@ -181,6 +181,8 @@ def test_bench_infer_prints_one_table_with_every_backend(capsys):
         "--markdown",
         "--gemm-size",
         "512",
+        "--min-seconds",
+        "0",
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -197,6 +199,7 @@ def test_bench_infer_prints_one_table_with_every_backend(capsys):
     for line in table:
         images_per_s, roofline = float(line.split("|")[3]), line.split("|")[6].strip()
         assert images_per_s > 0 and roofline.endswith("%")
+        assert line.split("|")[7].strip() == "1"  # --iters 1 and --min-seconds 0: one timed call per row
     assert "GEMM roofline" in out and "x torchvision eager" in out
 
 

@@ -18,6 +18,7 @@ shared machine falls on every path alike and the ratios stay meaningful even whe
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -50,6 +51,7 @@ class BenchRow:
     images_per_s: float
     ratio: float | None  # images/s over torchvision eager's at the same batch size
     roofline_fraction: float  # achieved GFLOP/s over the measured fp32 GEMM GFLOP/s
+    calls: int  # timed calls the median is taken over
 
 
 @dataclass
@@ -59,7 +61,7 @@ class BenchResult:
     gflop_per_image: float
     gemm_gflops: float
     threads: int
-    iters: int
+    iters: int  # the fewest timed calls per row (small batches get more: see BenchRow.calls)
     rows: list[BenchRow]
 
 
@@ -168,6 +170,7 @@ def bench_infer(
     backends: tuple[str, ...] = DEFAULT_BACKENDS,
     progress: Callable[[str], None] | None = None,
     gemm_size: int = 2048,
+    min_seconds: float = 10.0,
 ) -> BenchResult:
     """Time every backend at every batch size; see the module docstring for what is measured and how."""
     from resnetkit.models import create_model, default_input_size
@@ -192,10 +195,15 @@ def bench_infer(
         for batch in batches:
             x = torch.randn(batch, 3, size, size)
             times: dict[str, list[float]] = {b: [] for b in calls}
+            start = time.perf_counter()
             for call in calls.values():  # warm-up: allocator, oneDNN primitive caches, ORT arenas
                 call(x)
-            for i in range(iters):
-                say(f"batch {batch}: round {i + 1}/{iters}")
+            # Small batches take milliseconds, where one descheduling moves a median of 3: give every batch size
+            # about `min_seconds` of rounds (at least `iters`, at most 100).
+            round_s = time.perf_counter() - start
+            rounds = max(iters, min(100, math.ceil(min_seconds / max(round_s, 1e-6))))
+            for i in range(rounds):
+                say(f"batch {batch}: round {i + 1}/{rounds}")
                 for backend, call in calls.items():
                     start = time.perf_counter()
                     call(x)
@@ -211,6 +219,7 @@ def bench_infer(
                         batch / latency,
                         base / latency if base else None,
                         batch * gflop / latency / roofline,
+                        len(samples),
                     )
                 )
     return BenchResult(name, size, gflop, roofline, threads, iters, rows)
@@ -219,16 +228,16 @@ def bench_infer(
 def format_markdown(result: BenchResult) -> str:
     lines = [
         f"{result.model} at {result.input_size}px, {result.gflop_per_image:.2f} GFLOP/image; fp32 GEMM roofline "
-        f"{result.gemm_gflops:.0f} GFLOP/s; {result.threads} threads; median of {result.iters} timed calls",
+        f"{result.gemm_gflops:.0f} GFLOP/s; {result.threads} threads; median latency of the interleaved timed calls",
         "",
-        "| backend | batch | images/s | latency (ms) | x torchvision eager | % of GEMM roofline |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| backend | batch | images/s | latency (ms) | x torchvision eager | % of GEMM roofline | timed calls |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result.rows:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "n/a"
         lines.append(
             f"| {r.backend} | {r.batch} | {r.images_per_s:.2f} | {r.latency_ms:.1f} | {ratio} | "
-            f"{100 * r.roofline_fraction:.1f}% |"
+            f"{100 * r.roofline_fraction:.1f}% | {r.calls} |"
         )
     return "\n".join(lines)
 
@@ -240,9 +249,9 @@ def print_table(result: BenchResult) -> None:
     table = Table(
         title=f"{result.model} inference on CPU, {result.input_size}px, {result.threads} threads",
         caption=f"{result.gflop_per_image:.2f} GFLOP/image; fp32 GEMM roofline {result.gemm_gflops:.0f} "
-        f"GFLOP/s measured in this run; median of {result.iters} interleaved calls",
+        f"GFLOP/s measured in this run; median of the interleaved timed calls",
     )
-    for col in ("backend", "batch", "images/s", "latency ms", "x torchvision eager", "% GEMM roofline"):
+    for col in ("backend", "batch", "images/s", "latency ms", "x torchvision eager", "% GEMM roofline", "calls"):
         table.add_column(col, justify="left" if col == "backend" else "right")
     previous = None
     for r in result.rows:
@@ -256,5 +265,6 @@ def print_table(result: BenchResult) -> None:
             f"{r.latency_ms:.1f}",
             f"{r.ratio:.2f}x" if r.ratio is not None else "n/a",
             f"{100 * r.roofline_fraction:.1f}%",
+            str(r.calls),
         )
     Console(width=max(100, Console().width)).print(table)

@@ -35,7 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="resnet50", help="a registered model name (default resnet50)")
     p.add_argument("--batch", default="1,32", help="comma-separated batch sizes (default 1,32)")
-    p.add_argument("--iters", type=int, default=5, help="timed calls per path and batch size (default 5)")
+    p.add_argument("--iters", type=int, default=5, help="at least this many timed calls per path and batch size")
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=10.0,
+        help="more timed rounds for fast (small) batches, up to about this many seconds per batch size (0: --iters)",
+    )
     p.add_argument("--input-size", type=int, default=None, help="default: the model's")
     p.add_argument(
         "--threads",
@@ -122,6 +128,7 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
         backends,
         progress=lambda message: print(message, flush=True),
         gemm_size=args.gemm_size,
+        min_seconds=args.min_seconds,
     )
     print_table(result)
     if args.markdown:
