@@ -214,3 +214,89 @@ def test_bench_infer_prints_one_table_with_every_backend(capsys):
 def test_bench_infer_bad_input(capsys, argv, message):
     assert main(["bench", "infer", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_quantize_command_on_real_photos(tmp_path, cifar10_jpg, capsys):
+    """`resnetkit quantize`: a ResNet-20 trained briefly on two CIFAR-10 classes (real JPEGs), calibrated on some
+    photos; the agreement it reports is recomputed here, independently, on the same held-out photos."""
+    import json
+
+    from resnetkit.checkpoint import save_checkpoint
+    from resnetkit.deploy.predict import Predictor, open_image
+    from resnetkit.deploy.quantize import calibration_split
+
+    torch.manual_seed(0)
+    classes = ["airplane", "frog"]
+    preprocess = {
+        "preset": "cifar",
+        "input_size": 32,
+        "resize": 32,
+        "mean": [0.49, 0.48, 0.45],
+        "std": [0.25, 0.24, 0.26],
+    }
+    model = create_model("resnet20", num_classes=2)
+    train_files = [f for label in classes for f in sorted((cifar10_jpg / "train" / label).glob("*.jpg"))[:300]]
+    predictor = Predictor(model, preprocess, classes)
+    images = predictor.to_tensor([open_image(f) for f in train_files])
+    labels = torch.tensor([classes.index(f.parent.name) for f in train_files])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.train()
+        for _ in range(3):
+            for idx in torch.randperm(len(images)).split(50):
+                loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    checkpoint = tmp_path / "best.pt"
+    save_checkpoint(
+        checkpoint,
+        {
+            "model": model.state_dict(),
+            "model_name": "resnet20",
+            "model_kwargs": {"num_classes": 2},
+            "classes": classes,
+            "preprocess": preprocess,
+        },
+    )
+    folders = [str(cifar10_jpg / "test" / label) for label in classes]  # 2,000 photos the model never saw
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "model.int8.onnx"
+    argv = ["quantize", "--checkpoint", str(checkpoint), "--images", *folders, "--out", str(out)]
+    assert main([*argv, "--calib", "64", "--check", "300"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 vs fp32 top-1 agreement" in printed and str(out) in printed
+
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
+    assert meta["classes"] == classes and meta["preprocess"] == preprocess
+    info = meta["int8"]
+    assert (info["calibration_images"], info["check_images"], info["method"]) == (64, 300, "minmax")
+    # The same held-out photos, scored here by the eager model and the written int8 file.
+    from resnetkit.deploy.predict import list_images
+
+    _, check_files = calibration_split(list_images(folders), 64, 300)
+    x = predictor.to_tensor([open_image(f) for f in check_files])
+    int8 = OnnxRuntimeModel(out, threads=1)
+    with torch.no_grad():
+        fp32 = model(x)
+    assert int8.classes == classes
+    assert info["top1_agreement_with_fp32"] == pytest.approx(top1_agreement(fp32, int8(x)))
+    assert info["top1_agreement_with_fp32"] >= 0.9
+    truth = torch.tensor([classes.index(f.parent.name) for f in check_files])
+    assert (fp32.argmax(1) == truth).float().mean().item() >= 0.75, "the model did not learn airplane vs frog"
+
+    # Unreadable files are skipped and counted; too few images and a failed --min-agreement are clear.
+    few = [str(f) for f in sorted((cifar10_jpg / "test" / "frog").glob("*.jpg"))[:40]]
+    assert main([*argv, "--images", str(tmp_path / "junk"), *few, "--calib", "16", "--check", "30"]) == 0
+    printed = capsys.readouterr().out  # all 41 files are used, so the broken one is met
+    assert "skipped 1 unreadable file(s), e.g. " in printed and "broken.jpg" in printed
+    assert main([*argv, "--calib", "5000"]) == 2
+    assert "found 2000 images; int8 needs more than the 5000 calibration images" in capsys.readouterr().err
+    assert main([*argv, "--calib", "16", "--check", "20", "--min-agreement", "1.5"]) == 2
+    assert "--min-agreement is a fraction" in capsys.readouterr().err

@@ -16,7 +16,7 @@ COMMAND_MODULES = [
     "resnetkit.train.cli",  # train
     "resnetkit.eval_cli",  # eval, report, explain
     "resnetkit.deploy.serve_cli",  # predict, serve
-    "resnetkit.deploy.export_cli",  # export, bench infer
+    "resnetkit.deploy.export_cli",  # export, quantize, bench infer
     "resnetkit.tasks.detection_cli",  # detect train|eval|predict
     "resnetkit.tasks.segmentation_cli",  # segment train|eval|predict
 ]
@@ -24,6 +24,32 @@ COMMAND_MODULES = [
 
 class UserError(Exception):
     """An error caused by the user's input: printed as one line, without a traceback."""
+
+
+class StderrProgress:
+    """Rich progress bars on stderr (one per stage) when it is a terminal, so stdout stays clean for json/csv;
+    nothing otherwise. `update(stage, done, total)` after each batch."""
+
+    def __enter__(self) -> StderrProgress:
+        self.bar, self.tasks = None, {}
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self.bar = Progress(console=Console(stderr=True), transient=True)
+            self.bar.start()
+        return self
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        if self.bar is None:
+            return
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from resnetkit.cli import UserError
+    from resnetkit.cli import StderrProgress, UserError
     from resnetkit.deploy.predict import ImageError, Predictor, list_images, open_image
 
     if args.model and not args.weights:
@@ -77,7 +77,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise UserError(str(e)) from e  # offline: the message says where to put the file
 
     results: list[dict] = []
-    with _progress(len(files)) as advance:
+    with StderrProgress() as bar:
         for start in range(0, len(files), args.batch_size):
             chunk, images = [], []
             for path in files[start : start + args.batch_size]:
@@ -96,34 +96,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                             "top_k": [{"class": predictor.classes[i], "index": i, "prob": round(p, 6)} for i, p in top],
                         }
                     )
-            advance(len(files[start : start + args.batch_size]))
+            bar.update("predicting", min(start + args.batch_size, len(files)), len(files))
     order = {str(f): i for i, f in enumerate(files)}
     results.sort(key=lambda r: order[r["file"]])
     _print_results(results, args.format)
     return 1 if any("error" in r for r in results) else 0
-
-
-class _progress:
-    """A rich progress bar on stderr when it is a terminal (stdout stays clean for json/csv); nothing otherwise."""
-
-    def __init__(self, total: int):
-        self.total = total
-        self.bar = None
-
-    def __enter__(self):
-        if sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import Progress
-
-            self.bar = Progress(console=Console(stderr=True), transient=True)
-            self.bar.start()
-            task = self.bar.add_task("predicting", total=self.total)
-            return lambda n: self.bar.update(task, advance=n)
-        return lambda n: None
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _print_results(results: list[dict], fmt: str) -> None:
