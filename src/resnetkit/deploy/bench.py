@@ -41,6 +41,7 @@ BACKENDS = (
 # torch.compile costs minutes per batch size on 2 cores: measured when asked for (--backends), not by default.
 DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "resnetkit compiled")
 BASELINE = "torchvision eager"
+SETTLE_S = 0.05  # untimed pause before each timed call
 
 
 @dataclass
@@ -205,6 +206,9 @@ def bench_infer(
             for i in range(rounds):
                 say(f"batch {batch}: round {i + 1}/{rounds}")
                 for backend, call in calls.items():
+                    # onnxruntime's pool threads spin for a while after a call, on the cores the next path needs:
+                    # a pause lets them park, so that no path pays for the one before it.
+                    time.sleep(SETTLE_S)
                     start = time.perf_counter()
                     call(x)
                     times[backend].append(time.perf_counter() - start)
