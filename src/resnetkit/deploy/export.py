@@ -118,9 +118,12 @@ def export_model(
             )
         diff = (got.float() - expected).abs().max().item()
         if not diff <= tolerance:  # also catches NaN
+            scale = expected.abs().max().item()
             raise ExportError(
                 f"{path}: exported {format} model differs from the eager model by {diff:.3g} "
-                f"(max abs over a batch of {CHECK_BATCH}), above the tolerance {tolerance:g}"
+                f"(max abs over a batch of {CHECK_BATCH}, logits up to {scale:.3g}), above the tolerance "
+                f"{tolerance:g}; float rounding grows with the logits' size, so an untrained model with large "
+                "logits may need a looser --tolerance"
             )
     except BaseException:
         path.unlink(missing_ok=True)
