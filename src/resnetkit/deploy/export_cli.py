@@ -80,7 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "resnetkit onnxruntime, onnxruntime default, int8 (default: all but resnetkit compiled, which torch.compiles "
         "for minutes per batch size)",
     )
-    p.add_argument("--gemm-size", type=int, default=2048, help="side of the square fp32 matmul timed as the roofline")
+    p.add_argument(
+        "--gemm-size", type=int, default=4096, help="side of the square fp32 matmul timed as the roofline (4096)"
+    )
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown (for BENCHMARKS.md)")
     p.set_defaults(func=cmd_bench_infer)
 
