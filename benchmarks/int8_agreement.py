@@ -1,6 +1,7 @@
 """int8 vs fp32 top-1 agreement on held-out real images, with a model trained here on the CIFAR-10 JPEGs.
 
     .venv/bin/python benchmarks/int8_agreement.py --epochs 8 --train-per-class 1000 --test-per-class 1000 --threads 1
+    .venv/bin/python benchmarks/int8_agreement.py --checkpoint runs/cifar10_fast/best.pt   # a `resnetkit train` model
 
 Trains a CIFAR ResNet (plain loop, CPU) on part of ../shared/data/cifar10-jpg/train, exports it to ONNX,
 quantises it to int8 with onnxruntime (QDQ, per-channel weights) calibrated on `--calib` training images, and
