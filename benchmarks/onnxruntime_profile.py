@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from resnetkit.deploy.bench import gemm_gflops
 from resnetkit.deploy.export import INPUT_NAME, export_model
 from resnetkit.models import create_model
 
@@ -66,17 +67,6 @@ def kind_of(module: str) -> str:
     if module.endswith("downsample.0"):
         return "downsample 1x1"
     return {"conv1": "1x1 reduce", "conv2": "3x3", "conv3": "1x1 expand (+ residual add)"}[module.rsplit(".", 1)[1]]
-
-
-def gemm_gflops(n: int = 4096, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def main() -> None:

@@ -35,19 +35,23 @@ def test_fold_batchnorm_keeps_outputs_and_leaves_original_alone(name, size):
     assert not kernels[0].is_contiguous()  # really NHWC, not NCHW
 
 
+def miniature_resnet(num_classes: int) -> nn.Sequential:
+    """A ResNet in miniature (stem, one residual block, head): the same Conv/BN/ReLU/Add/Gemm ops as the zoo
+    models, cheap enough to compile or train in seconds."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        BasicBlock(8, 8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
+
+
 def test_compiled_path_matches_eager():
     # A miniature ResNet keeps Inductor's C++ compilation to seconds; the zoo models compile the same graph ops.
-    model = trained_looking(
-        nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1, bias=False),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            BasicBlock(8, 8),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(8, 5),
-        )
-    )
+    model = trained_looking(miniature_resnet(5))
     compiled = optimize_for_cpu(model, compile=True)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
@@ -107,17 +111,7 @@ def separable(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.T
 def test_int8_agrees_with_fp32_on_a_separable_task(tmp_path):
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    # A ResNet in miniature (stem, one residual block, head): the same Conv/BN/ReLU/Add/Gemm ops as the zoo models,
-    # cheap enough to train here in a few steps.
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        BasicBlock(8, 8),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 2),
-    )
+    model = miniature_resnet(2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
     threads = torch.get_num_threads()

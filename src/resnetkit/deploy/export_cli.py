@@ -16,10 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and in PATH.json). The exported file is read back and its logits compared with the eager "
         "model's on a batch; a max abs difference above --tolerance fails the export.",
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a resnetkit training checkpoint (model, classes, preprocessing)")
-    source.add_argument("--model", help="a registered model name; weights from --weights")
-    p.add_argument("--weights", help="with --model: 'imagenet', 'imagenet-v2', or a weights file")
+    _add_source(p)
     p.add_argument("--format", required=True, help="onnx, torchscript or safetensors")
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
@@ -35,10 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "images and the speed of both. Writes OUT and OUT.json (metadata; serve it with `resnetkit serve "
         "--checkpoint OUT --backend onnxruntime`).",
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a resnetkit training checkpoint (model, classes, preprocessing)")
-    source.add_argument("--model", help="a registered model name; weights from --weights")
-    p.add_argument("--weights", help="with --model: 'imagenet', 'imagenet-v2', or a weights file")
+    _add_source(p)
     p.add_argument("--images", nargs="+", required=True, metavar="FOLDER", help="image folders (searched recursively)")
     p.add_argument("--out", required=True, help="output file, e.g. model.int8.onnx")
     p.add_argument("--calib", type=int, default=512, help="calibration images (default 512)")
@@ -85,6 +79,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown (for BENCHMARKS.md)")
     p.set_defaults(func=cmd_bench_infer)
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    """--checkpoint, or --model with --weights: what `_load_source` reads."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a resnetkit training checkpoint (model, classes, preprocessing)")
+    source.add_argument("--model", help="a registered model name; weights from --weights")
+    p.add_argument("--weights", help="with --model: 'imagenet', 'imagenet-v2', or a weights file")
 
 
 def _load_source(args: argparse.Namespace):
