@@ -108,17 +108,15 @@ def separable(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.T
     return images, labels
 
 
-def test_int8_agrees_with_fp32_on_a_separable_task(tmp_path):
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    model = miniature_resnet(2)
+def train_briefly(model: nn.Module, batches) -> None:
+    """SGD (lr 0.05, momentum 0.9) over `batches` of (images, labels) on one thread, then eval mode: ops this small
+    only pay thread synchronisation for a second thread."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ops this small only pay thread synchronisation for a second thread
+    torch.set_num_threads(1)
     try:
-        for _ in range(20):
-            images, labels = separable(32, generator)
+        model.train()
+        for images, labels in batches:
             loss = nn.functional.cross_entropy(model(images), labels)
             optimizer.zero_grad()
             loss.backward()
@@ -126,6 +124,13 @@ def test_int8_agrees_with_fp32_on_a_separable_task(tmp_path):
     finally:
         torch.set_num_threads(threads)
     model.eval()
+
+
+def test_int8_agrees_with_fp32_on_a_separable_task(tmp_path):
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = miniature_resnet(2)
+    train_briefly(model, (separable(32, generator) for _ in range(20)))
     calibration = [separable(32, generator)[0] for _ in range(2)]
     held_out, labels = separable(64, generator)  # disjoint from the calibration images
     with torch.no_grad():
@@ -233,20 +238,7 @@ def test_quantize_command_on_real_photos(tmp_path, cifar10_jpg, capsys):
     predictor = Predictor(model, preprocess, classes)
     images = predictor.to_tensor([open_image(f) for f in train_files])
     labels = torch.tensor([classes.index(f.parent.name) for f in train_files])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model.train()
-        for _ in range(3):
-            for idx in torch.randperm(len(images)).split(50):
-                loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
+    train_briefly(model, ((images[i], labels[i]) for _ in range(3) for i in torch.randperm(len(images)).split(50)))
     checkpoint = tmp_path / "best.pt"
     save_checkpoint(
         checkpoint,

@@ -135,8 +135,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from resnetkit.deploy.predict import list_images
     from resnetkit.deploy.quantize import quantize_from_images
 
-    if args.calib < 1 or args.check < 1:
-        raise UserError(f"--calib and --check must be >= 1, got {args.calib} and {args.check}")
     if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
         raise UserError(f"--min-agreement is a fraction between 0 and 1, got {args.min_agreement}")
     files = list_images(args.images)

@@ -251,24 +251,24 @@ def quantize_from_images(
         quantize_onnx(fp32_path, out_path, calibration, method=method, fp32_ends=fp32_ends)
         fp32_ort = OnnxRuntimeModel(fp32_path, threads=threads)
         int8_ort = OnnxRuntimeModel(out_path, threads=threads)
-        same = total = 0
+        references, quantized = [], []
         fp32_s = int8_s = 0.0
         model = model.eval()
         for batch in batches(check_files, "check images"):
             with torch.inference_mode():
-                reference = model(batch)
+                references.append(model(batch))
             start = time.perf_counter()
             fp32_ort(batch)
             fp32_s += time.perf_counter() - start
             start = time.perf_counter()
-            quantized = int8_ort(batch)
+            quantized.append(int8_ort(batch))
             int8_s += time.perf_counter() - start
-            same += int((reference.argmax(1) == quantized.argmax(1)).sum())
-            total += len(batch)
-    if total == 0:
+    if not references:
         raise ValueError(f"none of the check images could be read, e.g. {skipped[-1]}")
+    total = sum(len(r) for r in references)
+    agreement = top1_agreement(torch.cat(references), torch.cat(quantized))
     report = QuantizeReport(
-        out_path, method, sum(len(b) for b in calibration), total, same / total, total / fp32_s, total / int8_s, skipped
+        out_path, method, sum(len(b) for b in calibration), total, agreement, total / fp32_s, total / int8_s, skipped
     )
     metadata = {
         **export.metadata,
