@@ -13,12 +13,8 @@ from torchvision.ops import box_iou
 from torchvision.transforms.v2 import functional as F
 from torchvision.utils import make_grid
 
-from resnetkit.tasks.detection import (
-    detector_from_checkpoint,
-    draw_detections,
-    load_detection_data,
-    predict_batch,
-)
+from resnetkit.bundle import load_bundle
+from resnetkit.tasks.detection import draw_detections, load_detection_data, predict_batch
 
 
 def main() -> None:
@@ -32,8 +28,9 @@ def main() -> None:
     parser.add_argument("--out", default="detection.png")
     args = parser.parse_args()
 
-    model, ckpt = detector_from_checkpoint(args.checkpoint)
-    data = load_detection_data(args.data or ckpt["config"]["data"], args.split)
+    bundle = load_bundle(args.checkpoint)
+    model, data_cfg = bundle.module, bundle.checkpoint["config"]["data"]
+    data = load_detection_data(args.data or data_cfg["name"], args.split, class_agnostic=data_cfg["class_agnostic"])
     picks = torch.linspace(0, len(data) - 1, args.count).round().long().tolist()
     tiles = []
     print(f"{'image':<60} {'score':>6} {'IoU':>6}")

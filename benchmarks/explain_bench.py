@@ -15,7 +15,7 @@ import time
 import torch
 
 from resnetkit import create_model
-from resnetkit.explain import gradcam
+from resnetkit.evaluation.explain import gradcam
 
 MODELS = [("resnet20", 32, {}), ("resnet18", 224, {}), ("resnet50", 224, {}), ("densenet121", 224, {})]
 

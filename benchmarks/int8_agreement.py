@@ -16,15 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from resnetkit.checkpoint import model_from_checkpoint, save_checkpoint
-from resnetkit.deploy.engine import OnnxRuntimeModel
+from resnetkit.bundle import load_bundle
+from resnetkit.checkpoint import save_checkpoint
+from resnetkit.data.image import decode_image
 from resnetkit.deploy.export import export_model
 from resnetkit.deploy.quantize import quantize_onnx, top1_agreement
+from resnetkit.deploy.runtime import OnnxRuntimeModel
 from resnetkit.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +39,9 @@ def load_split(root: Path, split: str, per_class: int) -> tuple[torch.Tensor, to
     for label, name in enumerate(classes):
         files = sorted((root / split / name).glob("*.jpg"))[:per_class]
         for f in files:
-            with Image.open(f) as img:
-                images.append(np.asarray(img.convert("RGB")))
+            images.append(decode_image(f))
             labels.append(label)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    x = torch.stack(images)
     return x, torch.tensor(labels), classes
 
 
@@ -125,7 +124,8 @@ def main() -> None:
     preprocess = {"preset": "cifar", "input_size": 32, "resize": 32, "mean": MEAN, "std": STD}
 
     if args.checkpoint:
-        model, ckpt = model_from_checkpoint(args.checkpoint)
+        bundle = load_bundle(args.checkpoint)
+        model, ckpt = bundle.module, bundle.checkpoint
         if ckpt.get("classes") != classes:
             raise SystemExit(f"{args.checkpoint}: its classes {ckpt.get('classes')} are not CIFAR-10's {classes}")
         preprocess, args.model, args.epochs = ckpt["preprocess"], ckpt["model_name"], ckpt.get("epoch", "?")

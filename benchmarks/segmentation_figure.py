@@ -16,13 +16,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from resnetkit.tasks.segmentation import (  # noqa: E402
-    SegmentationMetrics,
-    build_segmentation_dataset,
-    overlay,
-    predict_masks,
-    segmentation_model_from_checkpoint,
-)
+from resnetkit.bundle import load_bundle  # noqa: E402
+from resnetkit.data.image import to_pil  # noqa: E402
+from resnetkit.tasks.segmentation import SegmentationMetrics, overlay, predict_masks, segmentation_data  # noqa: E402
 
 
 def main() -> None:
@@ -36,20 +32,17 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    model, ckpt = segmentation_model_from_checkpoint(args.checkpoint)
-    cfg, classes = ckpt["config"], ckpt["classes"]
-    size = ckpt["preprocess"]["input_size"]
-    dataset = build_segmentation_dataset(
-        args.data or cfg["data"], args.split, size, num_images=cfg["num_images"], seed=cfg["seed"]
-    )
-    n = min(args.count, len(dataset))
+    bundle = load_bundle(args.checkpoint)
+    model, cfg, classes = bundle.module, bundle.checkpoint["config"], bundle.classes
+    data = segmentation_data(args.data or cfg["data"]["name"], args.split, bundle.input_size)
+    n = min(args.count, len(data.labels) if hasattr(data, "labels") else len(data))
     fig, axes = plt.subplots(3, n, figsize=(2.1 * n, 6.4), squeeze=False)
     print("| image | true class | IoU of that class | predicted classes |")
     print("|---:|---|---:|---|")
     for i in range(n):
-        image_u8, truth = dataset[i]
-        image = Image.fromarray(image_u8.permute(1, 2, 0).numpy())
-        pred = predict_masks(model, [image], ckpt["preprocess"], device="cpu")[0]
+        image_u8, truth = (data.images[i], data.labels[i]) if hasattr(data, "labels") else data[i]
+        image = to_pil(image_u8)
+        pred = predict_masks(model, [image_u8], bundle.preprocess)[0]
         truth = truth.numpy().astype(np.uint8)
         metrics = SegmentationMetrics(len(classes))
         metrics.update(torch.from_numpy(pred.astype(np.int64))[None], torch.from_numpy(truth.astype(np.int64))[None])
@@ -73,7 +66,8 @@ def main() -> None:
             ax.set_title(title, fontsize=8.5)
             ax.axis("off")
         print(f"| {i} | {classes[fg]} | {iou:.3f} | {', '.join(predicted)} |")
-    fig.suptitle(f"{cfg['head']} on {cfg['model']}: {args.split} images, true masks, predictions", fontsize=10)
+    head, encoder = cfg["segmentation"]["head"], cfg["model"]["name"]
+    fig.suptitle(f"{head} on {encoder}: {args.split} images, true masks, predictions", fontsize=10)
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     plt.close(fig)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from resnetkit.checkpoint import save_checkpoint
-from resnetkit.deploy.predict import imagenet_classes, imagenet_preprocess
+from resnetkit.data import imagenet_classes, preprocess_info
 from resnetkit.models import create_model
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
@@ -124,7 +124,7 @@ def main() -> None:
                 "model_name": args.model,
                 "model_kwargs": {},
                 "classes": imagenet_classes(),
-                "preprocess": imagenet_preprocess(224),
+                "preprocess": preprocess_info("imagenet"),
             },
         )
         rows = []

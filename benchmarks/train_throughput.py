@@ -21,6 +21,7 @@ import torchvision
 
 from resnetkit.config import Config, ModelConfig, TrainConfig
 from resnetkit.models import create_model
+from resnetkit.tasks import get_task
 from resnetkit.train.loop import Parts, train_step
 from resnetkit.train.optim import LRSchedule, build_optimizer
 
@@ -62,17 +63,19 @@ def ours(name: str, options: dict, x: torch.Tensor, y: torch.Tensor, steps: int)
     cfg = Config(model=ModelConfig(name=name, options=options), train=TrainConfig(channels_last=True, amp=amp))
     model = create_model(name, num_classes=10, **options).to(x.device, memory_format=torch.channels_last).train()
     opt = build_optimizer(model, cfg.optim, cfg.model)
+    task = get_task("classification")
+    task.cfg, task.mix, task.num_classes = cfg, None, 10  # what build_loaders and build_model would set
     parts = Parts(
         model,
+        task,
         opt,
         torch.amp.GradScaler(enabled=False),
         LRSchedule(opt, cfg.schedule, 0.01, 100),
         None,
         cfg,
-        10,
         x.device,
     )
-    return time_steps(lambda: train_step(parts, x, y, sync=True), steps, len(x))
+    return time_steps(lambda: train_step(parts, (x, y), sync=True), steps, len(x))
 
 
 def main() -> None:

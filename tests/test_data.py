@@ -67,16 +67,16 @@ def test_build_dataset_shapes():
     ds = build_dataset("shapes", "test", image_size=24)
     assert len(ds) == 2000 and ds.classes == SHAPE_CLASSES
     image, label = ds[5]
-    assert image.mode == "RGB" and image.size == (24, 24) and label == ds.targets[5]
+    assert image.dtype == torch.uint8 and image.shape == (3, 24, 24) and label == ds.targets[5]
     # Single samples render on demand and match the whole-split render.
     images, labels, _ = render_shapes(3, 24, seed=0, split="test")
-    assert torch.equal(torch.from_numpy(np.array(ds[2][0])).permute(2, 0, 1), images[2]) and labels[2] == ds[2][1]
+    assert torch.equal(ds[2][0], images[2]) and labels[2] == ds[2][1]
     small = build_dataset("shapes:500", "train"), build_dataset("shapes:500", "val")
     assert (len(small[0]), len(small[1])) == (500, 100) and Counter(small[0].targets) == {c: 50 for c in range(10)}
     with pytest.raises(ValueError, match="shapes:N"):
         build_dataset("shapes:many")
-    tensor_ds = build_dataset("shapes", "train", transform=lambda im: torch.from_numpy(np.array(im)))
-    assert tensor_ds[0][0].shape == (32, 32, 3)
+    hwc = build_dataset("shapes", "train", transform=lambda im: im.permute(1, 2, 0))
+    assert hwc[0][0].shape == (32, 32, 3)
 
 
 def _write_cifar(root: Path, name: str = "cifar10", per_batch: int = 4) -> np.ndarray:
@@ -120,8 +120,8 @@ def test_cifar_official_layout(tmp_path, name):
     # The row layout is R plane, G plane, B plane of 1024 bytes each: the pixel must come out as (R, G, B).
     i = len(train) - 2  # row 2 of the last training batch
     image, label = train[i]
-    assert image.mode == "RGB" and image.size == (32, 32)
-    assert image.getpixel((5, 2)) == tuple(int(v) for v in expected[i, 2, 5])
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    assert image[:, 2, 5].tolist() == [int(v) for v in expected[i, 2, 5]]
     assert label == train.targets[i] == (per_batch_files - 1 + 2) % len(train.classes)
     images, labels = train.uint8_tensors()
     assert images.shape == (len(train), 3, 32, 32) and labels.tolist() == train.targets
@@ -176,9 +176,9 @@ def test_image_folder_splits_and_labels(tmp_path):
     assert isinstance(train, ImageFolder) and train.classes == ["ant", "bee", "cat"] == val.classes
     assert train.targets == [0, 0, 1, 2, 2, 2] and val.targets == [1, 1, 2] and len(test) == 3
     image, label = train[3]
-    assert image.mode == "RGB" and image.size == (22, 20) and label == 2
+    assert image.dtype == torch.uint8 and image.shape == (3, 20, 22) and label == 2
     resized = build_dataset(tmp_path, "train", image_size=10)
-    assert min(resized[0][0].size) == 10
+    assert min(resized[0][0].shape[-2:]) == 10
 
 
 def test_cub_subset_counts_boxes_and_crop(cub_root):
@@ -198,7 +198,7 @@ def test_cub_subset_counts_boxes_and_crop(cub_root):
     cropped = CUB200(cub_root, "train", crop_to_box=True)
     image, label = cropped[0]
     x, y, w, h = cropped.boxes[0].tolist()
-    assert label == train.targets[0] and abs(image.width - w) <= 1 and abs(image.height - h) <= 1
+    assert label == train.targets[0] and abs(image.shape[-1] - w) <= 1 and abs(image.shape[-2] - h) <= 1
 
 
 def test_cifar10_jpg_counts(cifar10_jpg):
@@ -208,7 +208,7 @@ def test_cifar10_jpg_counts(cifar10_jpg):
     assert Counter(train.targets) == {c: 5000 for c in range(10)}
     assert Counter(test.targets) == {c: 1000 for c in range(10)}
     image, label = test[9_999]
-    assert image.size == (32, 32) and image.mode == "RGB" and test.classes[label] == "truck"
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and test.classes[label] == "truck"
 
 
 def test_cifar_goes_through_the_fast_pipeline_with_its_own_statistics(tmp_path):

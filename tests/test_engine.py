@@ -9,9 +9,10 @@ import torch.nn as nn
 from test_export import trained_looking  # BN statistics that make folding matter
 
 from resnetkit.cli import main
-from resnetkit.deploy.engine import OnnxRuntimeModel, fold_batchnorm, optimize_for_cpu
+from resnetkit.deploy.engine import fold_batchnorm, optimize_for_cpu
 from resnetkit.deploy.export import export_model
 from resnetkit.deploy.quantize import quantize_model, top1_agreement
+from resnetkit.deploy.runtime import OnnxRuntimeModel
 from resnetkit.models import BasicBlock, create_model
 
 
@@ -161,7 +162,7 @@ def test_bench_infer_help(capsys):
         main(["bench", "infer", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--model", "--batch", "--iters", "--backends"):
+    for option in ("--model", "--batch-size", "--iters", "--backends"):
         assert option in out
 
 
@@ -171,7 +172,7 @@ def test_bench_infer_prints_one_table_with_every_backend(capsys):
         "infer",
         "--model",
         "resnet18",
-        "--batch",
+        "--batch-size",
         "1",
         "--iters",
         "1",
@@ -205,7 +206,7 @@ def test_bench_infer_prints_one_table_with_every_backend(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--batch", "one"], "--batch wants comma-separated integers"),
+        (["--batch-size", "one"], "--batch-size wants comma-separated integers"),
         (["--model", "resnet51"], "unknown model 'resnet51'"),
         (["--backends", "tensorrt"], "unknown backend"),
     ],
@@ -220,8 +221,10 @@ def test_quantize_command_on_real_photos(tmp_path, cifar10_jpg, capsys):
     photos; the agreement it reports is recomputed here, independently, on the same held-out photos."""
     import json
 
+    from resnetkit.bundle import Bundle
     from resnetkit.checkpoint import save_checkpoint
-    from resnetkit.deploy.predict import Predictor, open_image
+    from resnetkit.data.image import decode_image
+    from resnetkit.deploy.predict import Predictor
     from resnetkit.deploy.quantize import calibration_split
 
     torch.manual_seed(0)
@@ -235,8 +238,8 @@ def test_quantize_command_on_real_photos(tmp_path, cifar10_jpg, capsys):
     }
     model = create_model("resnet20", num_classes=2)
     train_files = [f for label in classes for f in sorted((cifar10_jpg / "train" / label).glob("*.jpg"))[:300]]
-    predictor = Predictor(model, preprocess, classes)
-    images = predictor.to_tensor([open_image(f) for f in train_files])
+    predictor = Predictor(Bundle(model, preprocess, classes, "resnet20"))
+    images = predictor.to_tensor([decode_image(f) for f in train_files])
     labels = torch.tensor([classes.index(f.parent.name) for f in train_files])
     train_briefly(model, ((images[i], labels[i]) for _ in range(3) for i in torch.randperm(len(images)).split(50)))
     checkpoint = tmp_path / "best.pt"
@@ -264,10 +267,10 @@ def test_quantize_command_on_real_photos(tmp_path, cifar10_jpg, capsys):
     info = meta["int8"]
     assert (info["calibration_images"], info["check_images"], info["method"]) == (64, 300, "minmax")
     # The same held-out photos, scored here by the eager model and the written int8 file.
-    from resnetkit.deploy.predict import list_images
+    from resnetkit.data.image import list_images
 
     _, check_files = calibration_split(list_images(folders), 64, 300)
-    x = predictor.to_tensor([open_image(f) for f in check_files])
+    x = predictor.to_tensor([decode_image(f) for f in check_files])
     int8 = OnnxRuntimeModel(out, threads=1)
     with torch.no_grad():
         fp32 = model(x)

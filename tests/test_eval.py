@@ -1,4 +1,5 @@
-"""resnetkit.evaluate and the eval / report / explain commands, end to end on a tiny checkpoint and image folder."""
+"""resnetkit.evaluation.evaluate and the eval / report / explain commands, end to end on a tiny checkpoint and an image
+folder."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from resnetkit import create_model, evaluate
 from resnetkit.checkpoint import save_checkpoint
 from resnetkit.cli import main
 from resnetkit.data import build_dataset, eval_transform_from, preprocess_info
-from resnetkit.report import DPI, confusion_figsize, misclassified_figsize
+from resnetkit.evaluation.figures import DPI, confusion_figsize, misclassified_figsize
 
 CLASSES = ["apple", "banana", "cherry", "date"]
 PALETTE = np.array([[200, 40, 40], [230, 210, 50], [120, 20, 60], [90, 60, 30]], dtype=np.float64)
@@ -124,10 +125,11 @@ def tiny(tmp_path_factory):
 
 def _reference(checkpoint: Path, data: Path, flip: bool = False):
     """Logits computed by hand, image by image, for the test split."""
-    from resnetkit.checkpoint import model_from_checkpoint
+    from resnetkit.bundle import load_bundle
 
-    model, ckpt = model_from_checkpoint(checkpoint)
-    dataset = build_dataset(data, "test", transform=eval_transform_from(ckpt["preprocess"]))
+    bundle = load_bundle(checkpoint)
+    model = bundle.model
+    dataset = build_dataset(data, "test", transform=eval_transform_from(bundle.preprocess))
     with torch.no_grad():
         x = torch.stack([dataset[i][0] for i in range(len(dataset))])
         probs = model(x).softmax(1)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from resnetkit import create_model
-from resnetkit.explain import gradcam, overlay
+from resnetkit.evaluation.explain import gradcam, overlay
 
 
 @pytest.fixture(autouse=True)

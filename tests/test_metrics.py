@@ -17,7 +17,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from resnetkit.metrics import ClassificationMetrics
+from resnetkit.evaluation.metrics import ClassificationMetrics
 
 NUM_CLASSES = 7
 

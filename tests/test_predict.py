@@ -11,10 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from resnetkit.bundle import load_bundle
 from resnetkit.checkpoint import save_checkpoint
 from resnetkit.cli import main
 from resnetkit.data import eval_transform_from, preprocess_info
-from resnetkit.deploy.predict import ImageError, ImageTooLarge, Predictor, imagenet_classes, open_image
+from resnetkit.data.datasets import imagenet_classes
+from resnetkit.data.image import BadImageError, ImageTooLarge, decode_image
+from resnetkit.deploy.predict import Predictor
 from resnetkit.models import create_model
 
 CLASSES = ["red", "green", "blue"]
@@ -111,7 +114,7 @@ def test_predict_matches_model_and_batch_size_does_not_matter(checkpoint, image_
     model.load_state_dict(ckpt["model"])
     transform = eval_transform_from(ckpt["preprocess"])
     with torch.no_grad():
-        probs = model.eval()(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])).softmax(1)
+        probs = model.eval()(torch.stack([transform(decode_image(p)) for p in paths])).softmax(1)
     for p, row in zip(paths, probs):
         top = outs[0][str(p)][0]
         assert top["index"] == int(row.argmax()) and top["prob"] == pytest.approx(float(row.max()), abs=1e-5)
@@ -153,16 +156,17 @@ def test_predict_model_with_weights_file(checkpoint, image_folder, tmp_path, cap
         assert code == 0
         got, want = json.loads(out)[0]["top_k"], json.loads(ref)[0]["top_k"]
         assert [p["index"] for p in got] == [p["index"] for p in want]
-    # A bare state dict has no class names or preprocessing: numbered classes and ImageNet statistics at 32 px.
-    predictor = Predictor.from_weights("resnet20", str(tmp_path / "bare.pt"))
+    # A bare state dict has no class names or preprocessing: numbered classes and its family's preset (cifar, 32 px).
+    predictor = Predictor(load_bundle(model="resnet20", weights=str(tmp_path / "bare.pt")))
     assert predictor.classes == ["0", "1", "2"] and predictor.input_size == 32
+    assert predictor.preprocess["preset"] == "cifar"
 
 
 def test_thousand_class_weights_get_imagenet_names(tmp_path, image_folder):
     torch.save(create_model("resnet20", num_classes=1000).state_dict(), tmp_path / "w.pt")
-    predictor = Predictor.from_weights("resnet20", str(tmp_path / "w.pt"))
+    predictor = Predictor(load_bundle(model="resnet20", weights=str(tmp_path / "w.pt")))
     assert predictor.classes == imagenet_classes()
-    (top,) = predictor.predict([Image.open(image_folder / "img0.png")], top_k=3)
+    (top,) = predictor.predict([decode_image(image_folder / "img0.png")], top_k=3)
     assert len(top) == 3 and all(name in predictor.classes for name, _ in top)
 
 
@@ -194,9 +198,10 @@ def test_checkpoints_are_never_unpickled(checkpoint, tmp_path, capsys):
     state["config"] = _Payload(tmp_path / "pwned")
     torch.save(state, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="evil.pt"):
-        Predictor.from_checkpoint(tmp_path / "evil.pt")
+        load_bundle(tmp_path / "evil.pt")
     code, _, err = run_cli(capsys, "--checkpoint", tmp_path / "evil.pt", checkpoint)  # any existing file as input
-    assert code == 2 and "evil.pt" in err
+    assert code == 2 and "evil.pt" in err and "refusing to read" in err
+    assert "weights_only" not in err and len(err.strip().splitlines()) == 1  # resnetkit's own one-line refusal
     assert not (tmp_path / "pwned").exists()
 
 
@@ -204,10 +209,10 @@ def test_open_image_refuses_bombs_before_decoding(tmp_path):
     big = Image.new("L", (3000, 2000))
     big.save(tmp_path / "big.png")
     with pytest.raises(ImageTooLarge, match="6,000,000 pixels"):
-        open_image(tmp_path / "big.png", max_pixels=1_000_000)
-    assert open_image(tmp_path / "big.png").size == (3000, 2000)  # under the default limit
-    with pytest.raises(ImageError, match="upload"):
-        open_image(b"\x89PNG\r\n\x1a\n garbage")
+        decode_image(tmp_path / "big.png", max_pixels=1_000_000)
+    assert decode_image(tmp_path / "big.png").shape == (3, 2000, 3000)  # under the default limit
+    with pytest.raises(BadImageError, match="upload"):
+        decode_image(b"\x89PNG\r\n\x1a\n garbage")
 
 
 def test_imagenet_class_names_match_the_sample_labels(imagenet_sample):

@@ -17,9 +17,10 @@ import torch
 import yaml
 from PIL import Image
 
-from resnetkit.evaluate import top_confusions, write_outputs
-from resnetkit.metrics import ClassificationMetrics
-from resnetkit.report import DPI, confusion_figsize, misclassified_figsize, plot_confusion_matrix, write_report
+from resnetkit.evaluation.evaluate import top_confusions, write_outputs
+from resnetkit.evaluation.figures import DPI, confusion_figsize, misclassified_figsize, plot_confusion_matrix
+from resnetkit.evaluation.metrics import ClassificationMetrics
+from resnetkit.evaluation.report import write_report
 
 PREPROCESS = {"preset": "cifar", "input_size": 16, "resize": 16, "mean": [0.5] * 3, "std": [0.25] * 3}
 

@@ -10,22 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
+from resnetkit.bundle import load_bundle
 from resnetkit.cli import main
+from resnetkit.config import ConfigError, config_from_dict, load_config
+from resnetkit.data.image import read_mask, save_mask
 from resnetkit.tasks.segmentation import (
-    SegmentationConfig,
     SegmentationLoss,
     SegmentationMetrics,
-    build_segmentation_dataset,
     create_segmentation_model,
     dice_loss,
-    evaluate_segmentation,
-    mask_image,
+    mask_transform,
     overlay,
     palette,
-    read_mask,
-    segmentation_model_from_checkpoint,
-    train_segmentation,
+    segmentation_data,
 )
+from resnetkit.train.fit import train
 
 
 @pytest.fixture(autouse=True)
@@ -178,9 +177,10 @@ def _write_folder(root, split, n, size=24, seed=0, mode="P"):
         mask = np.zeros((size, size), np.uint8)
         mask[2:10, 3:12] = 1 + i % 2
         mask[0, :] = 255  # a VOC-style "ignore" border
-        (mask_image(mask) if mode == "P" else Image.fromarray(mask, mode=mode)).save(
-            root / split / "masks" / f"{i}.png"
-        )
+        if mode == "P":
+            save_mask(mask, root / split / "masks" / f"{i}.png", palette())
+        else:
+            Image.fromarray(mask, mode=mode).save(root / split / "masks" / f"{i}.png")
         masks.append(mask)
     return masks
 
@@ -188,16 +188,18 @@ def _write_folder(root, split, n, size=24, seed=0, mode="P"):
 def test_mask_folder_with_palette_pngs(tmp_path):
     masks = _write_folder(tmp_path, "train", 3)
     assert Image.open(tmp_path / "train" / "masks" / "0.png").mode == "P"
-    ds = build_segmentation_dataset(str(tmp_path), "train", image_size=24)
+    ds = segmentation_data(str(tmp_path), "train", image_size=24)
     assert len(ds) == 3 and ds.classes == ["class_0", "class_1", "class_2"]
     image, mask = ds[1]
     assert image.shape == (3, 24, 24) and image.dtype == torch.uint8
     assert torch.equal(mask, torch.from_numpy(masks[1]).long())
     # Resizing keeps class indices (nearest neighbour): no blended values such as 128 appear.
-    _, small = build_segmentation_dataset(str(tmp_path), "train", image_size=16)[0]
+    preprocess = {"preset": "square", "input_size": 16, "resize": 16, "mean": [0.5] * 3, "std": [0.25] * 3}
+    x, small = mask_transform(False, preprocess)(*ds[0])
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and small.shape == (16, 16)
     assert set(small.unique().tolist()) <= {0, 1, 255}
     (tmp_path / "classes.txt").write_text("background\ncat\ndog\n")
-    assert build_segmentation_dataset(str(tmp_path), "train", image_size=24).classes == ["background", "cat", "dog"]
+    assert segmentation_data(str(tmp_path), "train", image_size=24).classes == ["background", "cat", "dog"]
 
 
 def test_voc_layout_and_bad_masks(tmp_path):
@@ -207,12 +209,12 @@ def test_voc_layout_and_bad_masks(tmp_path):
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
     for name in ("a", "b"):
         Image.new("RGB", (20, 30), "red").save(voc / "JPEGImages" / f"{name}.jpg")
-        mask_image(np.full((30, 20), 15, np.uint8)).save(voc / "SegmentationClass" / f"{name}.png")
+        save_mask(np.full((30, 20), 15, np.uint8), voc / "SegmentationClass" / f"{name}.png", palette())
     (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("b\n")
-    ds = build_segmentation_dataset(str(voc), "val", image_size=32)
+    ds = segmentation_data(str(voc), "val", image_size=32)
     assert len(ds) == 1 and ds.classes[15] == "person" and int(ds[0][1][5, 5]) == 15
     with pytest.raises(FileNotFoundError, match="train.txt"):
-        build_segmentation_dataset(str(voc), "train", image_size=32)
+        segmentation_data(str(voc), "train", image_size=32)
 
     Image.new("RGB", (20, 30), "blue").save(voc / "SegmentationClass" / "b.png")
     with pytest.raises(ValueError, match=r"b\.png is a RGB-mode image"):
@@ -221,32 +223,30 @@ def test_voc_layout_and_bad_masks(tmp_path):
         read_mask(voc / "SegmentationClass" / "b.png")
     (voc / "SegmentationClass" / "b.png").unlink()
     with pytest.raises(ValueError, match="without a matching image/mask pair"):
-        build_segmentation_dataset(str(voc), "val", image_size=32)
+        segmentation_data(str(voc), "val", image_size=32)
     with pytest.raises(FileNotFoundError, match="expected .*/test/images"):
-        build_segmentation_dataset(str(tmp_path), "test", image_size=32)
+        segmentation_data(str(tmp_path), "test", image_size=32)
 
 
 def test_shapes_set_has_background_and_ten_shapes():
-    ds = build_segmentation_dataset("shapes", "train", image_size=32, num_images=10)
-    assert len(ds) == 10 and ds.classes[0] == "background" and len(ds.classes) == 11
-    labels = {int(m.max()) for _, m in (ds[i] for i in range(10))}
+    data = segmentation_data("shapes:10", "train", image_size=32)
+    assert data.images.shape == (10, 3, 32, 32) and data.classes[0] == "background" and len(data.classes) == 11
+    labels = {int(m.max()) for m in data.labels}
     assert labels == set(range(1, 11))  # one image of each class, each mask holding its class+1
 
 
-def test_config_validation():
-    import yaml
-
+def test_config_validation(tmp_path):
     recipe = Path(__file__).resolve().parents[1] / "configs" / "segment_shapes.yaml"
-    assert SegmentationConfig.from_dict(yaml.safe_load(recipe.read_text())).model == "resnet20"
-    with pytest.raises(ValueError, match="unknown key 'epoch' \\(did you mean 'epochs'"):
-        SegmentationConfig.from_dict({"epoch": 3})
-    with pytest.raises(ValueError, match="epochs: expected int, got str 'ten'"):
-        SegmentationConfig.from_dict({"epochs": "ten"})
-    assert SegmentationConfig.from_dict({"lr": 1, "weights": None}).lr == 1
-    with pytest.raises(ValueError, match="loss: unknown loss 'focal'"):
-        SegmentationConfig(loss="focal")
-    with pytest.raises(ValueError, match="image_size must be at least 16"):
-        SegmentationConfig(image_size=8)
+    cfg = load_config(recipe)
+    assert cfg.task == "segmentation" and cfg.model.name == "resnet20" and cfg.segmentation.head == "unet"
+    with pytest.raises(ConfigError, match="unknown key 'segmentation.haed' \\(did you mean 'segmentation.head'"):
+        config_from_dict({"task": "segmentation", "segmentation": {"haed": "fcn"}})
+    with pytest.raises(ConfigError, match="train.epochs: expected int, got str 'ten'"):
+        load_config(recipe, ["train.epochs=ten"])
+    with pytest.raises(ConfigError, match="segmentation.loss: unknown value 'focal'"):
+        config_from_dict({"segmentation": {"loss": "focal"}})
+    with pytest.raises(ConfigError, match="task: unknown value 'segmentaton' \\(did you mean 'segmentation'"):
+        config_from_dict({"task": "segmentaton"})
 
 
 # ------------------------------------------------------------------------------------------------ overlays
@@ -271,106 +271,72 @@ def test_overlay_blends_palette_colours_and_keeps_background():
 
 def test_short_training_overfits_shapes(tmp_path):
     # A handful (4) of shapes images, 80 AdamW steps of a CIFAR ResNet-20 U-Net: each shape's outline and class learnt
-    # pixel by pixel. Train-set mIoU with seeds 0, 1, 2: 0.964, 0.944, 0.970 (8 images at lr 2e-2 varied 0.42-0.95).
-    result = train_segmentation(
-        dict(
-            data="shapes",
-            model="resnet20",
-            image_size=32,
-            num_images=4,
-            batch_size=4,
-            repeat=20,
-            epochs=4,
-            lr=1e-2,
-            decoder_channels=64,
-            output_dir=str(tmp_path),
-            name="shapes",
-        ),
-        quiet=True,
-    )
+    # pixel by pixel, measured on those 4 images.
+    cfg = {
+        "task": "segmentation",
+        "name": "shapes",
+        "output_dir": str(tmp_path),
+        "model": {"name": "resnet20"},
+        "data": {"name": "shapes:10", "subset": 4, "image_size": 32, "batch_size": 4},
+        "optim": {"name": "adamw", "lr": 1e-2, "weight_decay": 1e-4},
+        "schedule": {"name": "cosine", "per": "step", "warmup": 20, "warmup_start_factor": 0.05},
+        "train": {"epochs": 80, "eval_every": 20, "log_every_s": 30, "log_images": False},
+        "segmentation": {"decoder_channels": 64},
+    }
+    result = train(config_from_dict(cfg), quiet=True)
     run = result.run_dir
     for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "curves.png"):
         assert (run / name).is_file(), name
     assert any((run / "tb").iterdir())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in rows] == list(range(1, 81))
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    report = evaluate_segmentation(result.last_checkpoint, split="train")
-    assert report["num_images"] == 4
-    assert report["miou"] > 0.8, report
-    model, ckpt = segmentation_model_from_checkpoint(result.best_checkpoint)
-    assert ckpt["task"] == "segmentation" and ckpt["classes"][0] == "background" and not model.training
+    bundle = load_bundle(result.last_checkpoint)
+    assert bundle.task == "segmentation" and bundle.classes[0] == "background" and not bundle.model.training
+    from resnetkit.data.datasets import stratified_indices
+    from resnetkit.data.fast import normalize_batch
+    from resnetkit.tasks.segmentation import evaluate_segmentation
+
+    shapes = segmentation_data("shapes:10", "train", image_size=32)
+    keep = torch.tensor(stratified_indices([0] * 10, 4, seed=0))  # the training subset
+    x = normalize_batch(shapes.images[keep], bundle.preprocess["mean"], bundle.preprocess["std"])
+    seen = evaluate_segmentation(bundle.model, [(x, shapes.labels[keep])], num_classes=11)
+    assert seen["num_images"] == 4 and seen["miou"] > 0.8, seen
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def test_cli_train_resume_eval_predict(tmp_path, capsys, monkeypatch):
-    import resnetkit.tasks.segmentation as seg
-
+def test_cli_train_eval_predict(tmp_path, capsys):
     data = tmp_path / "data"
     _write_folder(data, "train", 4, size=32)
     _write_folder(data, "val", 2, size=32, seed=1)
-    runs = tmp_path / "runs"
-    args = [
-        "segment",
-        "train",
-        "--data",
-        str(data),
-        "--model",
-        "resnet20",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "2",
-        "--decoder-channels",
-        "16",
-        "--threads",
-        "1",
-        "--epochs",
-        "2",
-        "--output-dir",
-        str(runs),
-    ]
-    assert main([*args, "--name", "straight"]) == 0
-
-    # Interrupt a second run during its second epoch's validation, as Ctrl-C would, then resume it.
-    evaluate_model, calls = seg.evaluate_model, []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return evaluate_model(*a, **k)
-
-    monkeypatch.setattr(seg, "evaluate_model", interrupted)
-    assert main([*args, "--name", "cut"]) == 130
-    monkeypatch.setattr(seg, "evaluate_model", evaluate_model)
-    cut = runs / "cut"
-    assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 0
-    assert main([*args, "--name", "cut", "--resume", str(cut / "last.pt")]) == 0
-    # The resumed run continues exactly where the first one stopped: the same weights as the uninterrupted run.
-    straight = torch.load(runs / "straight" / "last.pt", weights_only=True)
-    resumed = torch.load(cut / "last.pt", weights_only=True)
-    assert resumed["epoch"] == straight["epoch"] == 1
-    for key, value in straight["model"].items():
-        assert torch.allclose(value.float(), resumed["model"][key].float(), atol=1e-5), key
-    assert [json.loads(r)["epoch"] for r in (cut / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    recipe = tmp_path / "seg.yaml"
+    recipe.write_text(
+        f"task: segmentation\noutput_dir: {tmp_path / 'runs'}\nmodel: {{name: resnet20}}\n"
+        f"data: {{name: {data}, image_size: 32, batch_size: 2, workers: 0}}\n"
+        "optim: {name: adamw, lr: 0.002}\ntrain: {epochs: 2, threads: 1}\nsegmentation: {decoder_channels: 16}\n"
+    )
+    assert main(["train", "--config", str(recipe)]) == 0
+    run = tmp_path / "runs" / "seg"
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and {"train_loss", "val_miou", "val_pixel_acc"} <= set(rows[0])
 
     capsys.readouterr()
-    assert main(["segment", "eval", str(cut / "best.pt"), "--split", "val"]) == 0
+    assert main(["eval", "--checkpoint", str(run / "best.pt"), "--split", "val"]) == 0
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "class_2" in printed
-    report = json.loads((cut / "seg_eval.json").read_text())
+    report = json.loads((run / "eval" / "eval.json").read_text())
     assert report["num_images"] == 2 and set(report["per_class_iou"]) == {"class_0", "class_1", "class_2"}
+    # The same numbers as the validation of the run's last epoch (best.pt is the best epoch's weights).
+    best = max(rows, key=lambda r: r["val_miou"])
+    assert report["miou"] == pytest.approx(best["val_miou"], abs=1e-9)
 
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (45, 30), (30, 160, 200)).save(photos / "wide.jpg")
-    assert (
-        main(["segment", "predict", str(cut / "best.pt"), str(photos), "--out", str(tmp_path / "pred"), "--save-masks"])
-        == 0
-    )
+    argv = ["predict", "--checkpoint", str(run / "best.pt"), str(photos), "--out", str(tmp_path / "pred")]
+    assert main([*argv, "--save-masks"]) == 0
     out = Image.open(tmp_path / "pred" / "wide_overlay.png")
     assert out.width == 45 and out.height > 30  # the image at its own size, with the legend below
     mask = read_mask(tmp_path / "pred" / "wide_mask.png")
@@ -378,15 +344,13 @@ def test_cli_train_resume_eval_predict(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_bad_input_gives_one_line(tmp_path, capsys):
-    assert main(["segment", "train", "--data", str(tmp_path / "missing")]) == 2
-    assert "segmentation data not found" in capsys.readouterr().err
-    assert main(["segment", "eval", str(tmp_path / "none.pt")]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
     cfg = tmp_path / "seg.yaml"
-    cfg.write_text("epochz: 3\n")
-    assert main(["segment", "train", "--config", str(cfg)]) == 2
+    cfg.write_text(f"task: segmentation\ndata: {{name: {tmp_path / 'missing'}}}\noutput_dir: {tmp_path}\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "segmentation data not found" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    cfg.write_text("task: segmentation\ntrain: {epochz: 3}\n")
+    assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert str(cfg) in err and "unknown key 'epochz' (did you mean 'epochs'" in err
-    with pytest.raises(SystemExit):
-        main(["segment", "--help"])
-    assert "predict" in capsys.readouterr().out
+    assert str(cfg) in err and "unknown key 'train.epochz' (did you mean 'train.epochs'" in err

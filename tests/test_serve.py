@@ -30,6 +30,7 @@ from PIL import Image
 from resnetkit.checkpoint import save_checkpoint
 from resnetkit.cli import main
 from resnetkit.data import eval_transform_from, preprocess_info
+from resnetkit.data.image import decode_image
 from resnetkit.deploy.serve import MicroBatcher
 from resnetkit.models import create_model
 
@@ -66,7 +67,7 @@ def trained_checkpoint(photos, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     preprocess = preprocess_info("imagenet", input_size=64)
     transform = eval_transform_from(preprocess)
-    x = torch.stack([transform(Image.open(p)) for p in photos])
+    x = torch.stack([transform(decode_image(p)) for p in photos])
     y = torch.arange(len(photos))
     model = create_model("resnet18", num_classes=len(photos))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -120,7 +121,7 @@ def server(trained_checkpoint, tmp_path_factory):
             str(trained_checkpoint),
             "--port",
             str(port),
-            "--max-batch",
+            "--batch-size",
             "8",
             "--max-wait-ms",
             "10",

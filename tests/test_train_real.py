@@ -1,5 +1,5 @@
-"""The heavier proofs, with real components: real CIFAR-10 JPEGs, a training process killed with SIGKILL and one
-stopped with Ctrl-C (SIGINT), and real torchrun processes talking gloo."""
+"""The heavier proofs, with real components: real CIFAR-10 JPEGs, and real torchrun processes talking gloo. (SIGKILL,
+Ctrl-C and torchrun restarts, for every task: tests/test_engine_tasks.py.)"""
 
 from __future__ import annotations
 
@@ -78,53 +78,6 @@ def _wait_for_checkpoint(proc: subprocess.Popen, path: Path, condition, timeout:
     pytest.fail(f"no checkpoint satisfying the condition within {timeout}s")
 
 
-def test_sigkill_and_ctrl_c_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
-    data = make_folder(tmp_path / "data", {"train": 24, "val": 4}, size=16)
-    base = tiny_config(
-        data,
-        tmp_path,
-        train={"epochs": 3, "deterministic": True, "checkpoint_every": 1, "ema": True, "log_every_s": 30},
-        data={"mixup_alpha": 0.2},
-        optim={"name": "sgd", "nesterov": True},
-    )
-    reference = train(config_from_dict({**base, "name": "reference"}), quiet=True).model
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({**base, "name": "killed"}))
-    cmd = [sys.executable, "-m", "resnetkit", "train", "--config", str(path)]
-    last = tmp_path / "killed/last.pt"
-
-    # 1. SIGKILL in the middle of epoch 2.
-    child = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed_at = _wait_for_checkpoint(child, last, lambda c: c["epoch"] == 1 and c["step"] > 0)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL
-    ckpt = load_checkpoint(last)
-    assert (ckpt["epoch"], ckpt["step"]) == (killed_at["epoch"], killed_at["step"]) and 0 < ckpt["step"] < 9
-
-    # 2. Resume; Ctrl-C (SIGINT) it in the middle of epoch 3: it saves and exits cleanly.
-    child = subprocess.Popen([*cmd, "--resume"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_checkpoint(child, last, lambda c: c["epoch"] == 2 and c["step"] > 0)
-    child.send_signal(signal.SIGINT)
-    child.send_signal(signal.SIGCONT)
-    out, _ = child.communicate(timeout=120)
-    assert child.returncode == 130, out
-    assert f"resumed {last} at epoch 2, step {killed_at['step']}" in out
-    assert "interrupted at epoch 3, step" in out and "Traceback" not in out
-    stopped = load_checkpoint(last)
-    assert stopped["epoch"] == 2 and 0 < stopped["step"] < 9
-
-    # 3. Resume to the end: the weights equal the uninterrupted run's, bit for bit.
-    done = subprocess.run([*cmd, "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    final = load_checkpoint(last)
-    assert final["epoch"] == 3 and final["global_step"] == 27
-    for key, value in reference.state_dict().items():
-        assert torch.equal(final["model"][key], value), f"{key}: max diff {(final['model'][key] - value).abs().max()}"
-    rows = [json.loads(line) for line in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
-    assert sorted({r["epoch"] for r in rows}) == [1, 2, 3]
-
-
 def test_torchrun_ddp_two_processes_match_one(tmp_path):
     """2 gloo processes, global batch 8 (4 per rank) against one process with batch 8.
 
@@ -184,7 +137,7 @@ def test_torchrun_ddp_two_processes_match_one(tmp_path):
     assert (run / "train.log").read_text().count("2 process(es)") == 1
     from resnetkit.data import build_loader
     from resnetkit.models import create_model
-    from resnetkit.train.loop import evaluate
+    from resnetkit.tasks.classification import evaluate_loss_acc as evaluate
 
     model = create_model("resnet20", num_classes=3)
     model.load_state_dict(rank0)

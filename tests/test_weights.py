@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from resnetkit import create_model, load_weights
-from resnetkit.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from resnetkit.bundle import load_bundle
+from resnetkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from resnetkit.models import WeightsError, pretrained_state_dict, read_state_dict
 
 
@@ -47,8 +48,17 @@ def test_code_in_a_checkpoint_is_never_unpickled(tmp_path):
 
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"model": Evil()}, f)
-    with pytest.raises(WeightsError, match="evil.pt"):
+    with pytest.raises(WeightsError, match="evil.pt") as info:
         read_state_dict(tmp_path / "evil.pt")
+    # resnetkit's own one-line refusal: never torch's advice to re-run with weights_only=False
+    message = str(info.value)
+    assert "weights_only" not in message and "\n" not in message
+    torch.save({"model": {}, "config": Evil()}, tmp_path / "evil_zip.pt")  # torch.save's zip format too
+    with pytest.raises(
+        CheckpointError, match=r"refusing to read .*evil_zip.pt: it holds pickled Python objects \(print\)"
+    ) as info:
+        load_checkpoint(tmp_path / "evil_zip.pt")
+    assert "weights_only" not in str(info.value)
 
 
 def test_mismatch_lists_missing_unexpected_and_shapes(tmp_path, tiny_state):
@@ -105,8 +115,9 @@ def test_checkpoint_save_is_atomic_and_round_trips(tmp_path, tiny_state):
     path = tmp_path / "run" / "last.pt"
     meta = {"model_name": "resnet20", "model_kwargs": {"num_classes": 10}, "classes": list("abcdefghij")}
     save_checkpoint(path, {"model": tiny_state, **meta})
-    model, ckpt = model_from_checkpoint(path)
-    assert ckpt["classes"] == meta["classes"] and not model.training
+    bundle = load_bundle(path)
+    model, ckpt = bundle.model, bundle.checkpoint
+    assert ckpt["classes"] == meta["classes"] and bundle.classes == meta["classes"] and not model.training
     assert _equal_states(model.state_dict(), tiny_state)
 
     class Boom:

@@ -2,32 +2,35 @@
 
 >>> import resnetkit
 >>> model = resnetkit.create_model("resnet18", num_classes=10, stem="cifar")
+>>> result = resnetkit.train(resnetkit.load_config("configs/demo.yaml"))
+
+The names below load lazily, on first use: `import resnetkit` costs only this file, and each name imports just
+the part of the package it lives in. (`resnetkit.train` is the training package, which is callable: see
+`resnetkit/train/__init__.py`.)
 """
 
-__version__ = "0.1.0"
+from resnetkit._lazy import attach
+from resnetkit._version import __version__
 
-from resnetkit.data import build_dataset, build_loader  # noqa: E402
-from resnetkit.deploy.engine import optimize_for_cpu  # noqa: E402
-from resnetkit.deploy.export import export_model  # noqa: E402
-from resnetkit.deploy.predict import Predictor  # noqa: E402
-from resnetkit.evaluate import evaluate  # noqa: E402
-from resnetkit.models import create_model, list_models, load_weights  # noqa: E402  (registers the zoo)
-from resnetkit.tasks.detection import create_detector  # noqa: E402
-from resnetkit.tasks.segmentation import create_segmentation_model  # noqa: E402
-from resnetkit.train import train  # noqa: E402  (the function; the package stays importable as resnetkit.train.*)
-
-__all__ = [
-    "__version__",
-    "create_model",
-    "list_models",
-    "load_weights",
-    "train",
-    "evaluate",
-    "Predictor",
-    "export_model",
-    "optimize_for_cpu",
-    "build_dataset",
-    "build_loader",
-    "create_segmentation_model",
-    "create_detector",
-]
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "create_model": "resnetkit.models",
+        "list_models": "resnetkit.models",
+        "load_weights": "resnetkit.models",
+        "train": "resnetkit.train",
+        "load_config": "resnetkit.config",
+        "evaluate": "resnetkit.evaluation.evaluate",
+        "evaluate_task": "resnetkit.evaluation.evaluate",
+        "load_bundle": "resnetkit.bundle",
+        "decode_image": "resnetkit.data.image",
+        "Predictor": "resnetkit.deploy.predict",
+        "export_model": "resnetkit.deploy.export",
+        "optimize_for_cpu": "resnetkit.deploy.engine",
+        "build_dataset": "resnetkit.data",
+        "build_loader": "resnetkit.data",
+        "create_segmentation_model": "resnetkit.tasks.segmentation",
+        "create_detector": "resnetkit.tasks.detection",
+    },
+)
+__all__ = ["__version__", *__all__]

@@ -1,7 +1,10 @@
-"""The `resnetkit` command line: one subcommand per verb, each a thin shell over the library.
+"""The `resnetkit` command line: one subcommand per verb, each a thin shell over a library function.
 
-Each area registers its own subcommands through a `register(subparsers)` function in its `cli` module, listed in
-COMMAND_MODULES; handlers import the heavy parts only when they run, so `resnetkit --help` stays fast.
+Each area registers its commands through `register(subparsers)` in its own `cli.py`, listed in COMMAND_MODULES.
+Those modules import no torch at module level, and handlers import the heavy parts only when they run, so
+`resnetkit --help` and `resnetkit COMMAND --help` stay fast. The same idea has the same flag everywhere, built by
+the helpers of `resnetkit.cli_shared`: --checkpoint (or --model/--weights), --config/--set/--resume, --batch-size,
+--out, --device.
 """
 
 from __future__ import annotations
@@ -10,50 +13,19 @@ import argparse
 import importlib
 import sys
 
+from resnetkit.cli_shared import UserError
+
 COMMAND_MODULES = [
     "resnetkit.models.cli",  # models, summary
     "resnetkit.data.cli",  # data stats|info
-    "resnetkit.train.cli",  # train
-    "resnetkit.eval_cli",  # eval, report, explain
-    "resnetkit.deploy.serve_cli",  # predict, serve
-    "resnetkit.deploy.export_cli",  # export, quantize, bench infer
-    "resnetkit.tasks.detection_cli",  # detect train|eval|predict
-    "resnetkit.tasks.segmentation_cli",  # segment train|eval|predict
+    "resnetkit.train.cli",  # train (every task)
+    "resnetkit.evaluation.cli",  # eval (every task), report, explain
+    "resnetkit.deploy.cli",  # predict (every task), serve, export, quantize, bench infer
 ]
 
 
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, without a traceback."""
-
-
-class StderrProgress:
-    """Rich progress bars on stderr (one per stage) when it is a terminal, so stdout stays clean for json/csv;
-    nothing otherwise. `update(stage, done, total)` after each batch."""
-
-    def __enter__(self) -> StderrProgress:
-        self.bar, self.tasks = None, {}
-        if sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import Progress
-
-            self.bar = Progress(console=Console(stderr=True), transient=True)
-            self.bar.start()
-        return self
-
-    def update(self, stage: str, done: int, total: int) -> None:
-        if self.bar is None:
-            return
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage, total=total)
-        self.bar.update(self.tasks[stage], completed=done)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from resnetkit import __version__
+    from resnetkit._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="resnetkit",

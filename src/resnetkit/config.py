@@ -23,6 +23,9 @@ T = TypeVar("T")
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "onecycle", "plateau")
+TASKS = ("classification", "detection", "segmentation")
+SEGMENTATION_HEADS = ("unet", "fcn")
+SEGMENTATION_LOSSES = ("ce", "dice", "ce+dice")
 
 
 class ConfigError(ValueError):
@@ -32,7 +35,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "resnet18"
-    """A registered model name (see `resnetkit models`)."""
+    """A registered model name (see `resnetkit models`): the classifier, or the backbone of a detector or the
+    encoder of a segmentation model."""
     num_classes: int | None = None
     """Classifier size; None takes the dataset's number of classes."""
     weights: str | None = None
@@ -62,7 +66,9 @@ def _is_stages(value: str) -> bool:
 @dataclass
 class DataConfig:
     name: str = "shapes"
-    """A dataset name (shapes, cifar10, cifar100, cub200) or a path (ImageFolder root, CUB root, CIFAR folder)."""
+    """A dataset name (shapes, shapes:N, cifar10, cifar100, cub200) or a path: an ImageFolder root, a CUB root, a
+    CIFAR folder; for detection also a COCO .json file or a folder of <split>.json files; for segmentation a folder
+    of <split>/images + <split>/masks or a VOC layout."""
     root: str | None = None
     """Where a named dataset lives (e.g. ../shared/data/cifar10-jpg)."""
     preset: str = "cifar"
@@ -74,6 +80,14 @@ class DataConfig:
     """Global batch: divided between DDP processes."""
     eval_batch_size: int | None = None
     """Global evaluation batch; None means 2 x batch_size."""
+    image_size: int | None = None
+    """Classification: resize the shorter side of every image to this before the preset (shapes: the render size).
+    Segmentation: the square side images and masks are resized to (default 64). Detection: the longer image side
+    for training (scale-jittered down to ~0.6x) and inference (default 512)."""
+    subset: int | None = None
+    """Train on a stratified, seeded subset of this many training images (None: all of them)."""
+    class_agnostic: bool = False
+    """Detection on CUB-200: one class "bird" instead of one class per species."""
     workers: int = 2
     fast: bool | None = None
     """True: the cached uint8 tensor pipeline; False: a DataLoader; None: picked by image size."""
@@ -91,6 +105,9 @@ class DataConfig:
                 raise ConfigError(f"data.{key}: must be positive, got {getattr(self, key)}")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
             raise ConfigError("data.mixup_alpha and data.cutmix_alpha must be >= 0")
+        for key in ("image_size", "subset"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -171,12 +188,17 @@ class TrainConfig:
     """torch.compile the model."""
     device: str = "auto"
     """auto (cuda when available), cpu, cuda, or cuda:N."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default, one per core). On a CPU shared with other jobs 1 is often fastest:
+    two threads on two busy cores spin at every synchronisation (a detection step measured 30 s wall instead of
+    5.6 s)."""
     deterministic: bool = False
     """Deterministic algorithms (exact resume on the CPU), slower on GPUs."""
     sync_bn: bool = False
     """SyncBatchNorm under DDP."""
-    metric: str = "val_acc"
-    """Validation metric that chooses best.pt (loss metrics are minimised, others maximised)."""
+    metric: str | None = None
+    """Validation metric that chooses best.pt (loss metrics are minimised, others maximised); None: the task's
+    (val_acc, val_map, val_miou)."""
     eval_every: int = 1
     """Evaluate every N epochs (and after the last)."""
     eval_flip: bool = False
@@ -197,12 +219,66 @@ class TrainConfig:
             raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay: must be in (0, 1), got {self.ema_decay}")
-        if not (self.metric.startswith("val_") or self.metric.startswith("train_")):
+        if self.metric is not None and not (self.metric.startswith("val_") or self.metric.startswith("train_")):
             raise ConfigError(f"train.metric: expected a val_... or train_... metric name, got {self.metric!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"train.threads: must be >= 1, got {self.threads}")
+
+
+@dataclass
+class DetectionConfig:
+    """Faster R-CNN + FPN over the zoo backbone `model.name` (task: detection)."""
+
+    trainable_layers: int | None = None
+    """Blocks that learn, from the top (stage 4 first, then 3, 2, 1, stem); None: 3 with weights, all without."""
+    frozen_bn: bool | None = None
+    """Replace BatchNorm by FrozenBatchNorm2d; None: frozen with pretrained weights, learning without."""
+    first_stage: int = 1
+    """The first stage feeding the pyramid: 1 includes the stride-4 level (small objects); 2 starts at stride 8,
+    about a third cheaper, enough for large objects."""
+    fpn_channels: int = 256
+    """Channels of every pyramid level."""
+    representation_size: int = 1024
+    """Width of the box head's two fully connected layers."""
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    """Anchor side in pixels, one per pyramid level (stages from `first_stage`, then the extra max-pooled level)."""
+    rpn_batch_size: int = 256
+    """Anchors sampled per image for the RPN loss."""
+    roi_batch_size: int = 512
+    """Proposals sampled per image for the box head's loss."""
+    proposals_train: int = 2000
+    """Proposals kept after NMS per image while training."""
+    proposals_test: int = 1000
+    """Proposals kept after NMS per image at inference."""
+    score_thresh: float = 0.05
+    """Detections below this score are dropped."""
+    detections_per_img: int = 100
+
+
+@dataclass
+class SegmentationConfig:
+    """A decoder head over the zoo encoder `model.name` (task: segmentation)."""
+
+    head: str = "unet"
+    """"unet" (skip connections from every stage) or "fcn" (last stage only: the baseline)."""
+    decoder_channels: int = 256
+    """Width of the deepest U-Net decoder block, halved at each block up (the FCN head ignores it)."""
+    loss: str = "ce+dice"
+    """"ce" (pixel cross-entropy), "dice" (soft Dice) or "ce+dice" (their sum)."""
+    ignore_index: int = 255
+    """Mask value of pixels that count for neither loss nor metrics (VOC borders)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("segmentation.head", self.head, SEGMENTATION_HEADS)
+        _check_choice("segmentation.loss", self.loss, SEGMENTATION_LOSSES)
+        if self.decoder_channels < 1:
+            raise ConfigError(f"segmentation.decoder_channels: must be >= 1, got {self.decoder_channels}")
 
 
 @dataclass
 class Config:
+    task: str = "classification"
+    """classification, detection or segmentation: what the model learns; every task trains with this engine."""
     name: str = "run"
     """The run folder's name: outputs go to <output_dir>/<name>/."""
     output_dir: str = "runs"
@@ -212,6 +288,20 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    """task: detection only."""
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    """task: segmentation only."""
+
+    def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASKS)
+        if self.task == "detection" and self.model.freeze != "none":
+            raise ConfigError(
+                f"model.freeze={self.model.freeze!r}: a detector's frozen blocks are set by "
+                "detection.trainable_layers (and its BatchNorm by detection.frozen_bn)"
+            )
+        if self.task != "detection" and self.data.class_agnostic:
+            raise ConfigError("data.class_agnostic applies to detection (task: detection)")
 
     @property
     def run_dir(self) -> Path:

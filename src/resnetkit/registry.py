@@ -7,9 +7,12 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch.nn as nn
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _DEFAULT_INPUT_SIZE: dict[str, int] = {}
@@ -36,8 +39,17 @@ def register_model(family: str, options: tuple[str, ...], input_size: int = 224)
     return wrap
 
 
+def _load_zoo() -> None:
+    """Import the zoo modules (their builders register themselves), once."""
+    from resnetkit.models import ZOO_MODULES
+
+    for module in ZOO_MODULES:
+        importlib.import_module(module)
+
+
 def list_models(family: str | None = None) -> list[str]:
     """Registered model names, in registration order; `family` is one of imagenet, cifar, densenet."""
+    _load_zoo()
     return [name for name in _MODELS if family is None or _FAMILY[name] == family]
 
 
@@ -58,6 +70,7 @@ def _closest(word: str, choices, n: int = 3) -> str:
 
 
 def _check_name(name: str) -> str:
+    _load_zoo()
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}{_closest(name, _MODELS)} (see `resnetkit models`)")
     return name

@@ -6,43 +6,31 @@ One entry point names them all, so a config or a CLI flag can say which data to 
     >>> ds = build_dataset("shapes", "train", image_size=32)          # also "cifar10", "cifar100", "cub200", or a path
     >>> image, label = ds[0]; ds.classes[label]
 
-Every dataset has `.classes` and `.targets` and yields (PIL RGB image, label) unless given a transform. Bad image
-files are skipped, counted and reported once with their paths, or raise under `strict` (see `BadImageError`).
+Every dataset has `.classes` and `.targets` and yields (uint8 RGB tensor (3, H, W), label) unless given a transform;
+image files are read by `resnetkit.data.image.decode_image`, the one decoder. Bad image files are skipped, counted and
+reported once with their paths, or raise under `strict` (see `BadImageError`).
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import io
 import logging
 import os
 import pickle
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+
+from resnetkit.data.image import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, BadImageError, decode_image
 
 log = logging.getLogger("resnetkit.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-# Pillow's own hard limit (twice Image.MAX_IMAGE_PIXELS): a 13,000 x 13,000 image. Anything larger is refused as a
-# probable decompression bomb; pass max_pixels to change it.
-DEFAULT_MAX_PIXELS = 178_956_970
 BUILTIN = ("shapes", "cifar10", "cifar100", "cub200")
 SPLITS = ("train", "val", "test")
 SHAPES_SIZES = {"train": 10_000, "test": 2_000}
-
-
-class BadImageError(ValueError):
-    """A file that cannot be used as an image: corrupt, truncated, empty, not an image, or over the pixel limit."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path, self.reason = str(path), reason
-        super().__init__(f"bad image {self.path}: {reason}")
 
 
 class SkippedSample:
@@ -63,81 +51,6 @@ def report_skipped(skipped: Sequence[tuple[str, str]], total: int) -> None:
         log.warning("skipped %d of %d image files that could not be read:\n%s", len(skipped), total, lines)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB: greyscale, palette (transparency on white), RGBA/LA (composited on white),
-    CMYK, 16-bit and 32-bit integer greyscale (scaled, not clipped) and float."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img).astype(np.float64)
-        # 16-bit files open as I;16 or I with values up to 65535: scale to 8 bits instead of clipping at 255.
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(arr * 255.0 / top + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
-        return Image.fromarray(np.clip(arr * 255.0 / top + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image file as PIL RGB, or raise BadImageError saying why not."""
-    try:
-        if os.path.getsize(path) == 0:
-            raise BadImageError(path, "empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
-            with Image.open(path) as img:
-                if img.width * img.height > max_pixels:
-                    raise BadImageError(
-                        path,
-                        f"{img.width}x{img.height} = {img.width * img.height:,} pixels is over "
-                        f"the limit of {max_pixels:,} (a decompression bomb?); raise max_pixels "
-                        "if the image is genuine",
-                    )
-                img.load()
-                return to_rgb(img)
-    except Image.DecompressionBombError as e:
-        raise BadImageError(path, f"refused as a decompression bomb: {e}") from None
-    except UnidentifiedImageError:
-        raise BadImageError(path, "not an image file (unrecognised format)") from None
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file {path} does not exist") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        if isinstance(e, BadImageError):
-            raise
-        raise BadImageError(path, f"corrupt or truncated ({e})") from None
-
-
-def read_image_tensor(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Read an image file as uint8 RGB (3, H, W), or raise BadImageError. Plain RGB/greyscale JPEGs go through
-    torchvision's libjpeg-turbo decoder (1.3x Pillow on CUB photos and 2x on 32 px CIFAR JPEGs here, see
-    docs/data.md); everything else, and every error message, through `open_image`."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file {path} does not exist") from None
-    if data[:3] == b"\xff\xd8\xff":
-        try:
-            with Image.open(io.BytesIO(data)) as img:  # the header only: mode and size
-                usable = img.mode in ("RGB", "L") and img.width * img.height <= max_pixels
-            if usable:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 plans to move decoders
-                    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except (OSError, RuntimeError, SyntaxError, ValueError, Image.DecompressionBombError):
-            pass  # open_image says what is wrong
-    return pil_to_tensor(open_image(path, max_pixels))
-
-
 class _FileDataset(torch.utils.data.Dataset):
     """Shared by datasets of image files: samples [(path, label)], bad files skipped or raised."""
 
@@ -146,8 +59,8 @@ class _FileDataset(torch.utils.data.Dataset):
 
     def __init__(self, transform: Callable | None, strict: bool, max_pixels: int, image_size: int | None):
         self.transform, self.strict, self.max_pixels, self.image_size = transform, strict, max_pixels, image_size
-        # The loaders set this: samples then come as uint8 tensors (torchvision's JPEG decoder) instead of PIL images.
-        self.decode_to_tensor = False
+        # The loaders set this from the transform: large JPEGs may be decoded at reduced scale down to this side.
+        self.min_size: int | None = None
 
     @property
     def targets(self) -> list[int]:
@@ -159,32 +72,35 @@ class _FileDataset(torch.utils.data.Dataset):
     def _box(self, index: int) -> tuple[int, int, int, int] | None:
         return None  # (top, left, height, width) to crop to: CUB's bird boxes
 
-    def _finish(self, img):
-        from torchvision.transforms.v2 import functional as F
-
-        return F.resize(img, self.image_size, antialias=True) if self.image_size else img
-
-    def load(self, index: int) -> Image.Image:
-        """The PIL RGB image of sample `index` (before the transform); raises BadImageError."""
-        img = open_image(self.samples[index][0], self.max_pixels)
+    def load(self, index: int) -> torch.Tensor:
+        """The image of sample `index` as uint8 RGB (3, H, W), before the transform; raises BadImageError."""
+        img = decode_image(self.samples[index][0], max_pixels=self.max_pixels, min_size=self._decode_min_size())
         box = self._box(index)
-        return self._finish(img.crop((box[1], box[0], box[1] + box[3], box[0] + box[2])) if box else img)
+        if box is not None:
+            img = img[:, box[0] : box[0] + box[2], box[1] : box[1] + box[3]]
+        if self.image_size:
+            from torchvision.transforms.v2 import functional as F
 
-    def load_tensor(self, index: int) -> torch.Tensor:
-        """The image of sample `index` as uint8 (3, H, W), decoded by the fastest decoder; raises BadImageError."""
-        img = read_image_tensor(self.samples[index][0], self.max_pixels)
-        box = self._box(index)
-        return self._finish(img[:, box[0] : box[0] + box[2], box[1] : box[1] + box[3]] if box else img)
+            img = F.resize(img, self.image_size, antialias=True)
+        return img
+
+    def _decode_min_size(self) -> int | None:
+        # A box crop or a fixed resize works on full-resolution pixels: decode at full size then.
+        return None if self.image_size or self._box(0) is not None else self.min_size
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            img = self.load_tensor(index) if self.decode_to_tensor else self.load(index)
+            img = self.load(index)
         except BadImageError as e:
             if self.strict:
                 raise
             return SkippedSample(path, e.reason)
         return (self.transform(img) if self.transform else img), label
+
+    def select(self, indices: Sequence[int]) -> None:
+        """Keep only these samples, in this order (a subset)."""
+        self.samples = [self.samples[i] for i in indices]
 
     def cache_key(self) -> str:
         """A digest of the source files (paths, sizes, modification times): a change invalidates caches."""
@@ -232,10 +148,10 @@ class ImageFolder(_FileDataset):
             files = sorted(
                 entry.path
                 for entry in os.scandir(folder)
-                if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+                if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
             )
             if not files:
-                raise ValueError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise ValueError(f"class folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
             self.samples += [(path, label) for path in files]
 
 
@@ -330,10 +246,18 @@ class CIFAR(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def load(self, index: int) -> Image.Image:
-        img = Image.fromarray(self.data[index])
+    def select(self, indices: Sequence[int]) -> None:
+        """Keep only these samples, in this order (a subset)."""
+        self.data = self.data[list(indices)]
+        self.targets = [self.targets[i] for i in indices]
+        self.files_selection = tuple(indices)
+
+    def load(self, index: int) -> torch.Tensor:
+        img = torch.from_numpy(self.data[index]).permute(2, 0, 1).contiguous()
         if self.image_size and self.image_size != 32:
-            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
+            from torchvision.transforms.v2 import functional as F
+
+            img = F.resize(img, [self.image_size, self.image_size], antialias=True)
         return img
 
     def __getitem__(self, index: int):
@@ -345,7 +269,7 @@ class CIFAR(torch.utils.data.Dataset):
         for path in self.files:
             st = os.stat(path)
             h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        h.update(repr(self.image_size).encode())
+        h.update(repr((self.image_size, getattr(self, "files_selection", None))).encode())
         return h.hexdigest()
 
     def uint8_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -442,7 +366,7 @@ class CUB200(_FileDataset):
     def _box(self, index: int) -> tuple[int, int, int, int] | None:
         if not self.crop_to_box:
             return None
-        # Boxes are x, y, width, height in pixels; crops beyond the image are clipped by PIL and tensor slicing.
+        # Boxes are x, y, width, height in pixels; crops beyond the image are clipped by the tensor slicing.
         x, y, w, h = self.boxes[index].tolist()
         return max(0, int(y)), max(0, int(x)), max(1, round(h)), max(1, round(w))
 
@@ -486,15 +410,24 @@ class Shapes(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def load(self, index: int) -> Image.Image:
+    def select(self, indices: Sequence[int]) -> None:
+        """Keep only these samples, in this order (a subset): the split is rendered once, then indexed."""
+        index = torch.as_tensor(list(indices), dtype=torch.int64)
+        images, labels, masks = self._render()
+        self._tensors = (images[index], labels[index], masks[index])
+        self.targets = [self.targets[i] for i in indices]
+        self.num_samples = len(index)
+        self.selection = tuple(indices)
+
+    def load(self, index: int) -> torch.Tensor:
         if self._tensors is not None:
-            return Image.fromarray(self._tensors[0][index].permute(1, 2, 0).numpy())
+            return self._tensors[0][index]
         from resnetkit.data.synthetic import render_shape
 
         if not 0 <= index < self.num_samples:
             raise IndexError(f"shapes {self.split}: index {index} out of range ({self.num_samples} images)")
         image, _ = render_shape(index, self.targets[index], self.image_size, self.seed, self.split)
-        return Image.fromarray(image)
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, index: int):
         img = self.load(index)
@@ -503,11 +436,43 @@ class Shapes(torch.utils.data.Dataset):
     def cache_key(self) -> str:
         from resnetkit.data.synthetic import GENERATOR_VERSION
 
-        return f"shapes-v{GENERATOR_VERSION}-{self.split}-{self.num_samples}-{self.image_size}-{self.seed}"
+        key = f"shapes-v{GENERATOR_VERSION}-{self.split}-{self.num_samples}-{self.image_size}-{self.seed}"
+        selection = getattr(self, "selection", None)
+        return key if selection is None else f"{key}-{hashlib.sha1(repr(selection).encode()).hexdigest()[:12]}"
 
     def uint8_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels, _ = self._render()
         return images, labels
+
+
+def stratified_indices(targets: Sequence[int], n: int, seed: int = 0) -> list[int]:
+    """n sample indices drawn without replacement, each class keeping its share (largest remainders get the
+    leftover places), shuffled with `seed` within each class; returned in ascending order."""
+    if n >= len(targets):
+        return list(range(len(targets)))
+    by_class: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(int(t), []).append(i)
+    total = len(targets)
+    quota = {c: n * len(ix) / total for c, ix in by_class.items()}
+    take = {c: int(q) for c, q in quota.items()}
+    for c in sorted(quota, key=lambda c: (take[c] - quota[c], c))[: n - sum(take.values())]:
+        take[c] += 1
+    g = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    for c in sorted(by_class):
+        ix = by_class[c]
+        order = torch.randperm(len(ix), generator=g)[: take[c]].tolist()
+        chosen += [ix[k] for k in order]
+    return sorted(chosen)
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet class names in the standard index order (torchvision's ImageNet weights)."""
+    from importlib import resources
+
+    text = resources.files("resnetkit.data").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    return text.splitlines()
 
 
 def default_root() -> Path:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from resnetkit.data.datasets import CIFAR, BadImageError, Shapes, log, report_skipped
+from resnetkit.data.datasets import CIFAR, Shapes, log, report_skipped
+from resnetkit.data.image import BadImageError, image_size
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation applied by the one decoder
 SMALL_IMAGE_MAX = 64  # ImageFolder images up to this many pixels on a side go through the fast pipeline
 
 
@@ -39,7 +40,7 @@ class TensorData:
 
 def _decode_checked(dataset, index: int, size: int) -> torch.Tensor | BadImageError:
     try:
-        img = dataset.load_tensor(index)
+        img = dataset.load(index)
     except BadImageError as e:
         return e
     if tuple(img.shape[-2:]) != (size, size):
@@ -129,13 +130,10 @@ def load_tensors(dataset, cache_dir: str | os.PathLike | None = None, strict: bo
 def first_image_side(dataset) -> int:
     """The larger side of a file dataset's first readable image, read from its header only (0 if none of the first
     few is readable)."""
-    from PIL import Image
-
     for path, _ in dataset.samples[:8]:
         try:
-            with Image.open(path) as img:
-                return max(img.size)
-        except Exception:  # a bad file: the loader reports it
+            return max(image_size(path))
+        except (BadImageError, FileNotFoundError):  # a bad file: the loader reports it
             continue
     return 0
 

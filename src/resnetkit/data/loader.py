@@ -20,20 +20,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from resnetkit.data import fast
 from resnetkit.data.datasets import (
     CIFAR,
-    BadImageError,
     ImageFolder,
     Shapes,
     SkippedSample,
     build_dataset,
     report_skipped,
+    stratified_indices,
 )
+from resnetkit.data.image import BadImageError
 from resnetkit.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -146,7 +149,11 @@ class Loader:
 
 
 class TensorLoader(Loader):
-    """The cached uint8 pipeline: the whole dataset on the device, augmented a batch at a time."""
+    """The cached uint8 pipeline: the whole dataset on the device, augmented a batch at a time.
+
+    dense: the targets are per-pixel maps (N, H, W) (segmentation masks) that move with the pixels: cropped and
+    flipped with them, padded with `ignore_index`. Otherwise targets are per image (labels, or multi-hot rows).
+    """
 
     def __init__(
         self,
@@ -161,14 +168,23 @@ class TensorLoader(Loader):
         world_size: int = 1,
         augment: Sequence[str] = (),
         padding: int = 4,
+        dense: bool = False,
+        ignore_index: int = 255,
     ):
         super().__init__(len(data.labels), batch_size, train, seed, rank, world_size, data.classes, preprocess, device)
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.skipped = data.skipped
-        self.augment, self.padding = check_extras(augment), padding
+        self.augment, self.padding, self.dense = check_extras(augment), padding, dense
+        if dense and tuple(self.images.shape[-2:]) != (preprocess["input_size"],) * 2:
+            raise ValueError(f"dense targets need images at the input size {preprocess['input_size']}")
         # Training crops read from a copy padded once, so a batch costs one index and one gather.
         self.padded = torch.nn.functional.pad(self._fit_size(self.images), (padding,) * 4) if train else None
+        self.padded_targets = None
+        if train and dense:
+            self.padded_targets = torch.nn.functional.pad(
+                self.labels.to(torch.uint8), (padding,) * 4, value=ignore_index
+            )
 
     def _fit_size(self, x: torch.Tensor) -> torch.Tensor:
         size = self.preprocess["input_size"]
@@ -178,16 +194,25 @@ class TensorLoader(Loader):
 
         return TF.center_crop(TF.resize(x, self.preprocess["resize"], antialias=True), size)
 
-    def transform_batch(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The normalised float batch of samples idx: random crop + flip (+ extras) when given a generator."""
+    def transform_batch(
+        self, idx: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised float batch of samples idx and its targets: random crop + flip (+ extras) when given a
+        generator."""
         p = self.preprocess
         if generator is None:
-            return fast.normalize_batch(self._fit_size(self.images.index_select(0, idx)), p["mean"], p["std"])
+            images = fast.normalize_batch(self._fit_size(self.images.index_select(0, idx)), p["mean"], p["std"])
+            return images, self._targets(self.labels.index_select(0, idx))
         # index_select copies whole rows: 60x faster than advanced indexing (x[idx]) for uint8 here.
         n, dev, size = len(idx), idx.device, p["input_size"]
         offsets = torch.randint(0, 2 * self.padding + 1, (2, n), generator=generator, device=dev)
         flip = torch.rand(n, generator=generator, device=dev) < 0.5
         x = fast.crop_flip_batch(self.padded.index_select(0, idx), offsets[0], offsets[1], flip, size, size)
+        if self.dense:
+            maps = self.padded_targets.index_select(0, idx).unsqueeze(1)
+            targets = self._targets(fast.crop_flip_batch(maps, offsets[0], offsets[1], flip, size, size)[:, 0])
+        else:
+            targets = self.labels.index_select(0, idx)
         for name in self.augment:
             if name in ("trivialaugment", "randaugment", "autoaugment"):
                 x = fast.policy_batch(x, name)
@@ -196,7 +221,10 @@ class TensorLoader(Loader):
         x = fast.normalize_batch(x, p["mean"], p["std"])
         if "erasing" in self.augment:
             x = fast.erase_batch(x, 0.25, generator)
-        return x
+        return x, targets
+
+    def _targets(self, t: torch.Tensor) -> torch.Tensor:
+        return t.long() if self.dense else t
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._start()
@@ -213,8 +241,7 @@ class TensorLoader(Loader):
                 _seeded(_mix(self.seed, self.epoch, b, self.rank, 1)) if policies else contextlib.nullcontext(),
                 _one_thread() if self.device.type == "cpu" else contextlib.nullcontext(),
             ):
-                images = self.transform_batch(idx, generator)
-            yield images, self.labels.index_select(0, idx)
+                yield self.transform_batch(idx, generator)
 
 
 @contextlib.contextmanager
@@ -237,34 +264,90 @@ def _seeded(seed: int):
         yield
 
 
-def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
-    """Collate (image tensor, label) samples, dropping SkippedSample entries: (images, labels, [(path, reason)])."""
+def collate_skipping(batch: list, stack: bool = True) -> tuple[Any, Any, list[tuple[str, str]]]:
+    """Collate (image, target) samples, dropping SkippedSample entries: (images, targets, [(path, reason)]).
+
+    stack: images and targets stacked into tensors (labels as int64); False keeps them as lists (detection: images
+    of different sizes, a dict of boxes per image).
+    """
     good = [s for s in batch if not isinstance(s, SkippedSample)]
     skipped = [(s.path, s.reason) for s in batch if isinstance(s, SkippedSample)]
+    if not stack:
+        return [s[0] for s in good], [s[1] for s in good], skipped
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.int64), skipped
     images = torch.stack([s[0] for s in good])
-    labels = torch.tensor([s[1] for s in good], dtype=torch.int64)
+    targets = [s[1] for s in good]
+    labels = torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets, dtype=torch.int64)
     return images, labels, skipped
 
 
+def collate_lists(batch: list) -> tuple[list, list, list[tuple[str, str]]]:
+    """`collate_skipping` without stacking (a module-level function: worker processes pickle it)."""
+    return collate_skipping(batch, stack=False)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors, and lists, tuples and dicts of them, moved to `device` (pinned memory copies asynchronously)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
 class _PlanSampler(torch.utils.data.Sampler):
-    """Yields the loader's remaining batches of the epoch; read afresh each epoch (works with persistent workers)."""
+    """Yields the loader's remaining batches of the epoch as [(index, seed)], read afresh each epoch (works with
+    persistent workers). The seed drives that sample's random augmentation (None: no augmentation)."""
 
     def __init__(self, loader: Loader):
         self.loader = loader
 
     def __iter__(self):
-        batches = self.loader.plan()
-        for b in range(self.loader.position, len(batches)):
-            yield batches[b].tolist()
+        loader = self.loader
+        batches = loader.plan()
+        augmenting = loader.train and loader.augmenting
+        for b in range(loader.position, len(batches)):
+            yield [(i, _mix(loader.seed, loader.epoch, i, 2) if augmenting else None) for i in batches[b].tolist()]
 
     def __len__(self) -> int:
         return len(self.loader.plan()) - self.loader.position
 
 
+class SeededSamples(torch.utils.data.Dataset):
+    """`dataset[i]` with every random draw of its transform seeded by the sample's own seed, in whichever process
+    loads it: augmentation then depends only on (seed, epoch, index), so resume and any number of workers give the
+    same batches. The caller's RNG state is left as it was (the training process's is checkpointed)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int | None]):
+        index, seed = item
+        if seed is None:
+            return self.dataset[index]
+        state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(state)
+
+
 class FileLoader(Loader):
-    """A DataLoader over image files: worker processes decode and transform, pinned memory feeds the device."""
+    """A DataLoader over image files: worker processes decode and transform, pinned memory feeds the device.
+
+    transform_for(augmenting) -> the dataset's transform (the preset's per-sample transform by default; tasks give
+    their own, e.g. one that moves boxes with the pixels). collate: `collate_skipping` (stacked batches) or
+    `collate_lists` (lists, for images of different sizes).
+    """
 
     def __init__(
         self,
@@ -279,45 +362,48 @@ class FileLoader(Loader):
         world_size: int = 1,
         workers: int = 2,
         augment: Sequence[str] = (),
+        transform_for: Callable[[bool], Callable] | None = None,
+        collate: Callable = collate_skipping,
     ):
         super().__init__(
             len(dataset), batch_size, train, seed, rank, world_size, list(dataset.classes), preprocess, device
         )
         self._augment = augment
-        dataset.transform = self._transform(train)
+        self._transform_for = transform_for or self._preset_transform
+        dataset.transform = self._transform_for(train)
         # Workers hand bad files back as SkippedSample and this process decides: a clean BadImageError under strict
         # (an exception raised inside a worker would arrive re-wrapped, with its traceback in the message).
         self.strict = getattr(dataset, "strict", False)
-        if hasattr(dataset, "decode_to_tensor"):
-            dataset.strict, dataset.decode_to_tensor = False, True
+        if hasattr(dataset, "strict"):
+            dataset.strict = False
         self.dataset = dataset
         self.skipped: list[tuple[str, str]] = []
         self._reported: set[str] = set()
         self.loader = torch.utils.data.DataLoader(
-            dataset,
+            SeededSamples(dataset),
             batch_sampler=_PlanSampler(self),
             num_workers=workers,
-            collate_fn=collate_skipping,
+            collate_fn=collate,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
             generator=torch.Generator().manual_seed(_mix(seed, rank)),
         )
 
-    def _transform(self, augmenting: bool):
+    def _preset_transform(self, augmenting: bool):
         p = self.preprocess
         return build_transform(p["preset"], augmenting, p["mean"], p["std"], self._augment, p["input_size"])
 
     def set_augmentation(self, enabled: bool) -> None:
         """As Loader.set_augmentation; call it before iterating (persistent workers hold a copy of the dataset)."""
         super().set_augmentation(enabled)
-        self.dataset.transform = self._transform(self.augmenting)
+        self.dataset.transform = self._transform_for(self.augmenting)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
         self._start()
         new = []
         try:
-            for images, labels, skipped in self.loader:
+            for images, targets, skipped in self.loader:
                 self.position += 1
                 if skipped and self.strict:
                     raise BadImageError(*skipped[0])
@@ -325,8 +411,8 @@ class FileLoader(Loader):
                     if path not in self._reported:
                         self._reported.add(path)
                         new.append((path, reason))
-                if len(labels):
-                    yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+                if len(targets):
+                    yield to_device(images, self.device), to_device(targets, self.device)
         finally:  # also when the consumer stops early: every bad file is reported once
             self.skipped += new
             report_skipped(new, self.num_samples)
@@ -367,6 +453,7 @@ def build_loader(
     augment: Sequence[str] = (),
     download: bool = False,
     image_size: int | None = None,
+    subset: int | None = None,
 ) -> Loader:
     """A Loader over a dataset named as in `build_dataset`.
 
@@ -375,12 +462,15 @@ def build_loader(
     DataLoader otherwise. `augment`: optional augmentations by name (trivialaugment, randaugment, autoaugment,
     colorjitter, erasing), applied only when training. Training batches are shuffled per epoch, sharded by
     rank/world_size, and full (the last partial batch is dropped); evaluation batches cover every sample once.
+    `subset`: a stratified, seeded subset of this many samples (`stratified_indices` with `seed`).
     """
     device = torch.device(device)
     augment = check_extras(augment)
     given = check_preprocess(preset) if isinstance(preset, dict) else None
     preset_name = given["preset"] if given else preset
     dataset = build_dataset(name_or_path, split, root=root, strict=strict, download=download, image_size=image_size)
+    if subset is not None and subset < len(dataset):
+        dataset.select(stratified_indices(dataset.targets, subset, seed))
     small = isinstance(dataset, (CIFAR, Shapes)) or (isinstance(dataset, ImageFolder) and fast_candidate(dataset))
     if fast is None:
         fast = small and preset_name == "cifar"

@@ -5,6 +5,10 @@ does the `cifar` preset a whole batch at a time):
 - `cifar`: pad-4 random crop at the image size (32) + horizontal flip; evaluation: the image as it is.
 - `imagenet`: RandomResizedCrop 224 + flip; evaluation: resize 256 + centre crop 224.
 - `cub448`: resize 512 + random crop 448 + flip; evaluation: resize 512 + centre crop 448.
+- `square` (segmentation): resize to an input_size square + flip; evaluation: the resize alone.
+- `detection`: evaluation hands the detector [0, 1] pixels, which it resizes and normalises itself (its training
+  transform, which moves the boxes with the pixels, is `resnetkit.tasks.detection.detection_transform`).
+All of them take the uint8 RGB tensors of `resnetkit.data.image.decode_image`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ PRESETS = {
     "cifar": Preset(32, 32, CIFAR10_MEAN, CIFAR10_STD),
     "imagenet": Preset(224, 256, IMAGENET_MEAN, IMAGENET_STD),
     "cub448": Preset(448, 512, IMAGENET_MEAN, IMAGENET_STD),
+    # Dense prediction (segmentation): images and masks resized straight to input_size squares.
+    "square": Preset(64, 64, IMAGENET_MEAN, IMAGENET_STD),
+    # Detection: the detector resizes to input_size (its longer side) and normalises inside the model.
+    "detection": Preset(512, 512, IMAGENET_MEAN, IMAGENET_STD),
 }
 # Optional per-sample augmentations by name. Erasing works on the normalised tensor, the others on the image.
 EXTRAS = ("trivialaugment", "randaugment", "autoaugment", "colorjitter", "erasing")
@@ -93,13 +101,27 @@ def check_preprocess(preprocess: dict) -> dict:
     return preprocess
 
 
-class ToRGB(torch.nn.Module):
-    """Any PIL image mode (greyscale, palette, RGBA, CMYK, 16-bit) -> 8-bit RGB; tensors pass through."""
+class TrimAspect(torch.nn.Module):
+    """Centre-crop the long side of a pathologically thin image to `max_ratio` times the short one.
 
-    def forward(self, img):
-        from resnetkit.data.datasets import to_rgb
+    The evaluation transform (resize the short side, centre crop) only looks at the central square, but resizing a
+    64000x1 image first would allocate gigabytes: a cheap denial of service that the pixel limit does not catch.
+    Photos (up to 8:1 panoramas) pass untouched; thinner images may shift by a sub-pixel after resizing.
+    """
 
-        return img if isinstance(img, torch.Tensor) else to_rgb(img)
+    def __init__(self, max_ratio: float = 8.0) -> None:
+        super().__init__()
+        self.max_ratio = max_ratio
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        short, long = min(w, h), max(w, h)
+        if long <= self.max_ratio * short:
+            return img
+        keep = round(self.max_ratio * short)
+        keep += (long - keep) % 2  # an even margin keeps the centre exactly where it was
+        margin = (long - keep) // 2
+        return img[..., :, margin : margin + keep] if w > h else img[..., margin : margin + keep, :]
 
 
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
@@ -107,16 +129,17 @@ def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
 
 
 def eval_transform_from(preprocess: dict) -> v2.Compose:
-    """The evaluation transform (PIL image -> normalised float tensor C,H,W) described by a `preprocess` dict."""
+    """The evaluation transform (uint8 RGB tensor (3, H, W) from `decode_image` -> normalised float tensor) that a
+    `preprocess` dict describes: resize the shorter side, centre crop; "square" resizes straight to the square."""
     p = check_preprocess(preprocess)
-    return v2.Compose(
-        [
-            ToRGB(),
-            v2.Resize(p["resize"], antialias=True),
-            v2.CenterCrop(p["input_size"]),
-            *_to_normalised_tensor(p["mean"], p["std"]),
-        ]
-    )
+    if p["preset"] == "detection":  # the detector resizes and normalises its inputs itself
+        return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    if p["preset"] == "square":
+        size = [p["input_size"], p["input_size"]]
+        geometric = [v2.Resize(size, antialias=True)]
+    else:
+        geometric = [TrimAspect(), v2.Resize(p["resize"], antialias=True), v2.CenterCrop(p["input_size"])]
+    return v2.Compose([*geometric, *_to_normalised_tensor(p["mean"], p["std"])])
 
 
 def build_transform(
@@ -127,7 +150,7 @@ def build_transform(
     extras: Sequence[str] = (),
     input_size: int | None = None,
 ) -> v2.Compose:
-    """The per-sample transform of a preset (PIL image -> normalised float tensor). `extras` names optional
+    """The per-sample transform of a preset (uint8 RGB tensor -> normalised float tensor). `extras` names optional
     augmentations from EXTRAS, applied only when training."""
     info = preprocess_info(preset, mean, std, input_size)
     if not train:
@@ -138,6 +161,8 @@ def build_transform(
         geometric = [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()]
     elif preset == "imagenet":
         geometric = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    elif preset == "square":
+        geometric = [v2.Resize([size, size], antialias=True), v2.RandomHorizontalFlip()]
     else:  # cub448
         geometric = [v2.Resize(resize, antialias=True), v2.RandomCrop(size), v2.RandomHorizontalFlip()]
     photometric = {
@@ -146,7 +171,7 @@ def build_transform(
         "autoaugment": v2.AutoAugment(),
         "colorjitter": v2.ColorJitter(0.4, 0.4, 0.4),
     }
-    steps = [ToRGB(), *geometric, *(photometric[e] for e in extras if e in photometric)]
+    steps = [*geometric, *(photometric[e] for e in extras if e in photometric)]
     steps += _to_normalised_tensor(info["mean"], info["std"])
     if "erasing" in extras:
         steps.append(v2.RandomErasing(p=0.25))
@@ -198,20 +223,17 @@ def compute_mean_std(source, max_images: int | None = None) -> tuple[list[float]
     return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
 
 
-def _pil_to_uint8(img) -> torch.Tensor:
-    return v2.functional.pil_to_tensor(img).unsqueeze(0)
-
-
 def _folder_batches(folder: Path, max_images: int | None):
-    from resnetkit.data.datasets import IMAGE_EXTENSIONS, BadImageError, open_image, report_skipped
+    from resnetkit.data.datasets import report_skipped
+    from resnetkit.data.image import BadImageError, decode_image, list_images
 
     if not folder.is_dir():
         raise FileNotFoundError(f"folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = list_images([folder])
     skipped = []
     for path in files[:max_images]:
         try:
-            yield _pil_to_uint8(open_image(path))
+            yield decode_image(path).unsqueeze(0)
         except BadImageError as e:
             skipped.append((str(path), e.reason))
     report_skipped(skipped, len(files[:max_images]))
@@ -222,4 +244,4 @@ def _dataset_batches(dataset, max_images: int | None):
     for i in range(n):
         item = dataset[i]
         if isinstance(item, tuple):
-            yield _pil_to_uint8(item[0])
+            yield item[0].unsqueeze(0)

@@ -90,13 +90,14 @@ def build_backends(
 ) -> dict[str, Callable[[torch.Tensor], object]]:
     """One callable per backend, each taking a float NCHW batch. torchvision eager is absent for models that
     torchvision does not have (the CIFAR ResNets, ResNet-9)."""
-    from resnetkit.deploy.engine import OnnxRuntimeModel, optimize_for_cpu
+    from resnetkit.bundle import load_bundle
+    from resnetkit.deploy.engine import optimize_for_cpu
     from resnetkit.deploy.export import export_model
     from resnetkit.deploy.quantize import quantize_onnx
-    from resnetkit.models import create_model
+    from resnetkit.deploy.runtime import OnnxRuntimeModel
 
     torch.manual_seed(0)  # random weights, but the same each run: the exports' 1e-4 check sees the same logits
-    model = create_model(name).eval()
+    model = load_bundle(model=name).module
     preprocess = {"input_size": input_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     calls: dict[str, Callable[[torch.Tensor], object]] = {}
 

@@ -188,7 +188,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, metadata: d
 
 
 def _run_onnx(path: Path, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    from resnetkit.deploy.engine import OnnxRuntimeModel
+    from resnetkit.deploy.runtime import OnnxRuntimeModel
 
     return OnnxRuntimeModel(path)(x)
 
@@ -256,6 +256,6 @@ def _in_channels(model: nn.Module) -> int:
 
 
 def _version() -> str:
-    from resnetkit import __version__
+    from resnetkit._version import __version__
 
     return __version__

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from resnetkit.deploy.engine import OnnxRuntimeModel
 from resnetkit.deploy.export import INPUT_NAME, export_model
+from resnetkit.deploy.runtime import OnnxRuntimeModel
 
 
 def quantize_onnx(
@@ -217,7 +217,7 @@ def quantize_from_images(
     after each batch.
     """
     from resnetkit.data import eval_transform_from
-    from resnetkit.deploy.predict import ImageError, open_image
+    from resnetkit.deploy.predict import read_batches
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -227,14 +227,11 @@ def quantize_from_images(
     say = progress or (lambda stage, done, total: None)
 
     def batches(paths: list[Path], stage: str) -> Iterator[torch.Tensor]:
-        for start in range(0, len(paths), batch_size):
-            tensors = []
-            for path in paths[start : start + batch_size]:
-                try:
-                    tensors.append(transform(open_image(path)))
-                except ImageError as e:
-                    skipped.append(str(e))
-            say(stage, min(start + batch_size, len(paths)), len(paths))
+        done = 0
+        for good, tensors, errors in read_batches(paths, batch_size, transform):
+            skipped.extend(message for _, message in errors)
+            done += len(good) + len(errors)
+            say(stage, done, len(paths))
             if tensors:
                 yield torch.stack(tensors)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import io
 import json
 import os
@@ -37,7 +38,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from resnetkit.deploy.predict import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, Predictor, open_image
+from resnetkit.data.image import BadImageError, ImageTooLarge, decode_image, to_pil
+from resnetkit.deploy.predict import Predictor
+
+# 8k x 8k: far above any photo a ResNet needs, far below what a decompression bomb asks for (a 1 KB PNG can declare
+# 2^32 pixels): a server's limit is stricter than the decoder's default.
+SERVE_MAX_PIXELS = 64_000_000
 
 CONFIG_ENV = "RESNETKIT_SERVE_CONFIG"  # how `--workers N` hands the settings to each uvicorn worker process
 
@@ -46,17 +52,21 @@ CONFIG_ENV = "RESNETKIT_SERVE_CONFIG"  # how `--workers N` hands the settings to
 class ServeConfig:
     """What `resnetkit serve` was asked for; plain data so it can travel to worker processes as JSON."""
 
-    checkpoint: str
+    checkpoint: str | None = None  # a checkpoint or exported file; or:
+    model: str | None = None  # a zoo model name, with
+    weights: str | None = None  # its weights ("imagenet", "imagenet-v2", a file)
     backend: str = "torch"  # "torch" or "onnxruntime"
     max_batch: int = 16  # images per model call
     max_wait_ms: float = 5.0  # how long the first image of a batch waits for others
     max_request_bytes: int = 20 * 1024 * 1024  # whole request body; larger ones are answered 413
-    max_pixels: int = DEFAULT_MAX_PIXELS  # per image, checked from the header before decoding
+    max_pixels: int = SERVE_MAX_PIXELS  # per request, checked from each header before decoding
     max_images: int = 64  # images per request
     max_top_k: int = 100
     threads: int = 0  # torch threads per worker process; 0: the machine's cores divided among the workers
 
     def __post_init__(self) -> None:
+        if (self.checkpoint is None) == (self.model is None):
+            raise ValueError("serve a checkpoint or exported file, or a model name with weights")
         if self.backend not in ("torch", "onnxruntime"):
             raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {self.backend!r}")
         for key in ("max_batch", "max_request_bytes", "max_pixels", "max_images", "max_top_k"):
@@ -312,25 +322,24 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 
 def load_predictor(config: ServeConfig) -> tuple[Predictor, nn.Module | None]:
-    """The Predictor to serve and the eager model Grad-CAM needs (None when serving a bare .onnx file).
+    """The Predictor to serve and the eager model Grad-CAM needs (None when serving an .onnx file).
 
-    A .pt checkpoint under the onnxruntime backend is exported to ONNX first (`export_model`, which checks the
-    exported logits against the eager model's) and served from an onnxruntime session.
+    The model comes from `load_bundle` (a checkpoint, an export, or a zoo model with weights). A PyTorch model
+    under the onnxruntime backend is exported to ONNX first (`export_model`, which checks the exported logits
+    against the eager model's) and served from an onnxruntime session.
     """
-    from resnetkit.deploy.engine import OnnxRuntimeModel
+    from resnetkit.bundle import load_bundle
+    from resnetkit.deploy.runtime import OnnxRuntimeModel
 
-    path = Path(config.checkpoint)
-    if path.suffix == ".onnx":
-        if config.backend != "onnxruntime":
-            raise ValueError(f"{path} is an ONNX file: serve it with --backend onnxruntime")
-        engine = OnnxRuntimeModel(path, threads=config.threads or None)
-        if not engine.preprocess or not engine.classes:
-            raise ValueError(f"{path} lacks resnetkit metadata (preprocess, classes): write it with `resnetkit export`")
-        name = engine.metadata.get("model_name") or path.stem
-        return Predictor(engine, engine.preprocess, engine.classes, name=name), None
-    predictor = Predictor.from_checkpoint(path)
-    eager = predictor.model
-    if config.backend == "onnxruntime":
+    if config.checkpoint:
+        bundle = load_bundle(config.checkpoint, threads=config.threads or None)
+    else:
+        bundle = load_bundle(model=config.model, weights=config.weights)
+    predictor = Predictor(bundle)
+    eager = bundle.model if isinstance(bundle.model, nn.Module) else None
+    if eager is None and config.backend != "onnxruntime":
+        raise ValueError(f"{bundle.source} is an ONNX file: serve it with --backend onnxruntime")
+    if eager is not None and config.backend == "onnxruntime":
         from resnetkit.deploy.export import export_model
 
         with tempfile.TemporaryDirectory(prefix="resnetkit-serve-") as tmp:
@@ -342,7 +351,7 @@ def load_predictor(config: ServeConfig) -> tuple[Predictor, nn.Module | None]:
 
 def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Module | None = None):
     """The FastAPI app (wrapped in the size-limit and metrics layer) serving `predictor`."""
-    from resnetkit import __version__
+    from resnetkit._version import __version__
 
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -394,13 +403,13 @@ def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Modu
             name = upload.filename or f"files[{i}]"
             data = await upload.read()
             try:
-                image = await run_in_threadpool(open_image, data, name, budget)
+                image = await run_in_threadpool(functools.partial(decode_image, data, name=name, max_pixels=budget))
             except ImageTooLarge as e:
                 together = f"{name}: the images of this request together exceed {config.max_pixels:,} pixels"
                 raise HTTPException(413, together if budget < config.max_pixels else str(e)) from None
-            except ImageError as e:
+            except BadImageError as e:
                 raise HTTPException(415, str(e)) from None
-            budget -= image.width * image.height
+            budget -= image.shape[-1] * image.shape[-2]
             images.append(image)
         return images
 
@@ -462,14 +471,14 @@ def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Modu
 
 def _explain(model: nn.Module, predictor: Predictor, image) -> dict[str, Any]:
     """Grad-CAM of the top class, drawn over the part of the photo the model sees (its centre crop)."""
-    from resnetkit.explain import gradcam, overlay
+    from resnetkit.evaluation.explain import gradcam, overlay
 
     x = predictor.to_tensor([image])
     with torch.no_grad():
         probs = model(x).float().softmax(1)[0]
     index = int(probs.argmax())
     heat = gradcam(model, x, class_idx=index)[0]
-    view = _model_view(image, predictor.preprocess)
+    view = _model_view(to_pil(image), predictor.preprocess)
     png = io.BytesIO()
     overlay(view, heat).save(png, format="PNG")
     return {
@@ -504,7 +513,7 @@ def serve(
     """Run the server until interrupted. Each worker is a process with its own model copy and torch threads."""
     import uvicorn
 
-    if not Path(config.checkpoint).is_file():
+    if config.checkpoint and not Path(config.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {config.checkpoint}")
     # Workers x threads beyond the cores makes every thread wait for the others (10x slower on a busy 2-core box).
     config.threads = config.threads or max(1, (os.cpu_count() or 1) // workers)

@@ -1,22 +1,27 @@
-"""The model zoo. Importing this package registers every builder (ResNets first, then ResNet-9, then DenseNets)."""
+"""The model zoo: ResNets (resnet.py), ResNet-9 (resnet9.py), DenseNets (densenet.py), weights loading (weights.py).
 
-from resnetkit.models.resnet import BasicBlock, Bottleneck, ResNet  # noqa: I001  (import order = listing order)
-from resnetkit.models.resnet9 import ResNet9
-from resnetkit.models.densenet import DenseNet
-from resnetkit.models.weights import WeightsError, load_weights, pretrained_state_dict, read_state_dict
-from resnetkit.registry import create_model, default_input_size, list_models
+The registry (`resnetkit.registry`) imports the zoo modules, which register their builders, on its first use; the
+names below load lazily, so `import resnetkit.models` (and `resnetkit --help`) costs no torch.
+"""
 
-__all__ = [
-    "BasicBlock",
-    "Bottleneck",
-    "DenseNet",
-    "ResNet",
-    "ResNet9",
-    "WeightsError",
-    "create_model",
-    "default_input_size",
-    "list_models",
-    "load_weights",
-    "pretrained_state_dict",
-    "read_state_dict",
-]
+from resnetkit._lazy import attach
+
+ZOO_MODULES = ("resnetkit.models.resnet", "resnetkit.models.resnet9", "resnetkit.models.densenet")  # listing order
+
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "BasicBlock": "resnetkit.models.resnet",
+        "Bottleneck": "resnetkit.models.resnet",
+        "ResNet": "resnetkit.models.resnet",
+        "ResNet9": "resnetkit.models.resnet9",
+        "DenseNet": "resnetkit.models.densenet",
+        "WeightsError": "resnetkit.models.weights",
+        "load_weights": "resnetkit.models.weights",
+        "pretrained_state_dict": "resnetkit.models.weights",
+        "read_state_dict": "resnetkit.models.weights",
+        "create_model": "resnetkit.registry",
+        "default_input_size": "resnetkit.registry",
+        "list_models": "resnetkit.registry",
+    },
+)

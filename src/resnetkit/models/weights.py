@@ -29,10 +29,12 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    from resnetkit.checkpoint import CheckpointError, torch_load
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors carry no path: add it, keep the cause
-        raise WeightsError(f"cannot read weights from {path}: {e}") from e
+        obj = torch_load(path, "weights file")
+    except CheckpointError as e:
+        raise WeightsError(str(e)) from None
     return extract_state_dict(obj, str(path))
 
 

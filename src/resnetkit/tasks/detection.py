@@ -1,7 +1,8 @@
-"""Object detection: Faster R-CNN with a feature pyramid over any zoo ResNet/ResNeXt, trained with resnetkit's tools.
+"""Object detection: Faster R-CNN with a feature pyramid over any zoo ResNet/ResNeXt, as a task of the one engine.
 
-    resnetkit detect train --data ../shared/data/cub200-2011-subset/CUB_200_2011 --backbone resnet18 \\
-        --image-size 320 --epochs 12 --out runs/detect-cub
+    resnetkit train --config configs/detect_cub.yaml
+    resnetkit eval --checkpoint runs/detect-cub/best.pt --split test
+    resnetkit predict --checkpoint runs/detect-cub/best.pt photo.jpg --out predictions/
 
 The detection machinery is torchvision's (FasterRCNN, its RPN and RoI heads, FeaturePyramidNetwork, box ops,
 AnchorGenerator); only the backbone is ours: a zoo model's `forward_stages` feeds the pyramid.
@@ -11,47 +12,45 @@ Labels follow torchvision: 0 is the background, object classes are 1..num_classe
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
-import random
-import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScaleRoIAlign, box_convert
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import initLevelMapper
 from torchvision.transforms import v2
 
-from resnetkit.config import dataclass_from_dict
+from resnetkit.config import Config, DetectionConfig, dataclass_from_dict
+from resnetkit.data.datasets import SkippedSample, stratified_indices
+from resnetkit.data.image import BadImageError, decode_image
+from resnetkit.tasks import Task
 
 __all__ = [
-    "DetectorConfig",
-    "DetectionConfig",
     "DetectionDataset",
+    "DetectionTask",
+    "DetectorConfig",
     "ResNetFPNBackbone",
     "coco_map",
     "create_detector",
     "detection_transform",
-    "detector_from_checkpoint",
     "draw_detections",
-    "evaluate_detector",
     "freeze_batchnorm",
-    "load_detection_config",
     "load_detection_data",
-    "predict_images",
-    "read_rgb",
-    "save_rgb",
-    "train_detector",
+    "predict_batch",
 ]
 
 # ImageNet statistics: the zoo's pretrained weights expect them, and a model trained from scratch does not mind.
@@ -127,43 +126,22 @@ class ResNetFPNBackbone(nn.Module):
 
 
 @dataclass
-class DetectorConfig:
-    """What `create_detector` builds; saved in checkpoints as `model_kwargs` to rebuild the model."""
+class DetectorConfig(DetectionConfig):
+    """What `create_detector` builds: the config's detection section plus the backbone and the sizes; saved in
+    checkpoints as `model_kwargs` to rebuild the model."""
 
     backbone: str = "resnet50"
     """A zoo model name (`resnetkit models`): resnet18..152, resnext*, wide_resnet*, or a CIFAR ResNet."""
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    """Further create_model options of the backbone (model.options in a recipe)."""
     num_classes: int = 1
     """Object classes, background excluded (targets use labels 1..num_classes)."""
     weights: str | None = None
     """Backbone weights: None, "imagenet", "imagenet-v2", or a file (state dict / resnetkit checkpoint)."""
-    trainable_layers: int | None = None
-    """Blocks that learn, from the top (stage 4 first, then 3, 2, 1, stem); None: 3 with weights, all without."""
-    frozen_bn: bool | None = None
-    """Replace BatchNorm by FrozenBatchNorm2d; None: frozen with pretrained weights, learning without."""
     min_size: int = 800
     """Images are resized so their shorter side is this many pixels..."""
     max_size: int = 1333
     """...unless that makes the longer side exceed this."""
-    first_stage: int = 1
-    """The first stage feeding the pyramid: 1 includes the stride-4 level (small objects); 2 starts at stride 8,
-    about a third cheaper, enough for large objects."""
-    fpn_channels: int = 256
-    """Channels of every pyramid level."""
-    representation_size: int = 1024
-    """Width of the box head's two fully connected layers."""
-    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    """Anchor side in pixels, one per pyramid level (stages from `first_stage`, then the extra max-pooled level)."""
-    rpn_batch_size: int = 256
-    """Anchors sampled per image for the RPN loss."""
-    roi_batch_size: int = 512
-    """Proposals sampled per image for the box head's loss."""
-    proposals_train: int = 2000
-    """Proposals kept after NMS per image while training."""
-    proposals_test: int = 1000
-    """Proposals kept after NMS per image at inference."""
-    score_thresh: float = 0.05
-    """Detections below this score are dropped."""
-    detections_per_img: int = 100
 
     def __post_init__(self) -> None:
         from resnetkit.models import list_models
@@ -187,7 +165,7 @@ def create_detector(config: DetectorConfig | None = None, **options: Any) -> Fas
     config = config or dataclass_from_dict(DetectorConfig, options, "model")
     pretrained = config.weights is not None
     trainable = config.trainable_layers
-    body = create_model(config.backbone, weights=config.weights)
+    body = create_model(config.backbone, weights=config.weights, **config.backbone_options)
     if config.frozen_bn if config.frozen_bn is not None else pretrained:
         freeze_batchnorm(body)
     n_blocks = len(body.feature_info)  # stages + stem
@@ -205,6 +183,16 @@ def create_detector(config: DetectorConfig | None = None, **options: Any) -> Fas
     anchors = AnchorGenerator(tuple((s,) for s in config.anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
     resolution = 7
     box_head = TwoMLPHead(config.fpn_channels * resolution**2, config.representation_size)
+    # RoIs pool from the stage levels, not the extra max-pooled one (as in torchvision's FPN models).
+    roi_pool = MultiScaleRoIAlign([str(k) for k in range(levels - 1)], resolution, sampling_ratio=2)
+    # The levels' scales are the backbone's strides. torchvision would infer them from the first batch it sees and
+    # keep them (a state outside the state dict): a resumed run, whose first batch is another one, could then pool
+    # from other levels. Setting them here makes the detector a function of its weights alone.
+    strides = backbone.reductions[: levels - 1]
+    roi_pool.scales = [1.0 / r for r in strides]
+    roi_pool.map_levels = initLevelMapper(
+        int(math.log2(strides[0])), int(math.log2(strides[-1])), roi_pool.canonical_scale, roi_pool.canonical_level
+    )
     model = FasterRCNN(
         backbone,
         min_size=config.min_size,
@@ -212,8 +200,7 @@ def create_detector(config: DetectorConfig | None = None, **options: Any) -> Fas
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
         rpn_anchor_generator=anchors,
-        # RoIs pool from the stage levels, not the extra max-pooled one (as in torchvision's FPN models).
-        box_roi_pool=MultiScaleRoIAlign([str(k) for k in range(levels - 1)], resolution, sampling_ratio=2),
+        box_roi_pool=roi_pool,
         box_head=box_head,
         box_predictor=FastRCNNPredictor(config.representation_size, config.num_classes + 1),
         rpn_batch_size_per_image=config.rpn_batch_size,
@@ -257,7 +244,8 @@ class DetectionDataset(Dataset):
     """Images with their boxes: `__getitem__(i) -> (image, target)`.
 
     image: float tensor (3, H, W) in [0, 1] (after `transform`); target: {"boxes": (K, 4) x1 y1 x2 y2 pixels,
-    "labels": (K,) int64 in 1..len(classes), "image_id": int}.
+    "labels": (K,) int64 in 1..len(classes), "image_id": int}. A missing or unreadable image gives a SkippedSample
+    (the loaders drop and report it) unless `strict`.
     """
 
     def __init__(
@@ -268,6 +256,7 @@ class DetectionDataset(Dataset):
         classes: list[str],
         transform: v2.Transform | None = None,
         source: str = "",
+        strict: bool = False,
     ) -> None:
         if not (len(paths) == len(boxes) == len(labels)):
             raise ValueError("paths, boxes and labels must have the same length")
@@ -277,23 +266,40 @@ class DetectionDataset(Dataset):
         self.classes = list(classes)
         self.transform = transform
         self.source = source
+        self.strict = strict
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def targets(self) -> list[int]:
+        """Each image's first label (0 for an image without boxes): what a stratified subset keeps in proportion."""
+        return [int(lab[0]) if len(lab) else 0 for lab in self.labels]
+
+    def select(self, indices) -> None:
+        """Keep only these images, in this order (a subset)."""
+        self.paths = [self.paths[i] for i in indices]
+        self.boxes = [self.boxes[i] for i in indices]
+        self.labels = [self.labels[i] for i in indices]
+
     def read_image(self, i: int) -> torch.Tensor:
-        """The i-th image as uint8 (3, H, W), RGB."""
+        """The i-th image as uint8 (3, H, W), RGB; raises BadImageError (a missing file included)."""
         path = self.paths[i]
         if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path} (listed in {self.source})")
-        return read_rgb(path)
+            raise BadImageError(path, f"missing (listed in {self.source})")
+        return decode_image(path)
 
     def target(self, i: int) -> dict[str, torch.Tensor]:
         """The i-th annotation, untransformed."""
         return {"boxes": self.boxes[i].clone(), "labels": self.labels[i].clone(), "image_id": i}
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        image = tv_tensors.Image(self.read_image(i))
+    def __getitem__(self, i: int):
+        try:
+            image = tv_tensors.Image(self.read_image(i))
+        except BadImageError as e:
+            if self.strict:
+                raise
+            return SkippedSample(str(self.paths[i]), e.reason)
         target = self.target(i)
         target["boxes"] = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=image.shape[-2:])
         if self.transform is not None:
@@ -303,28 +309,6 @@ class DetectionDataset(Dataset):
         return image.as_subclass(torch.Tensor), {
             k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in target.items()
         }
-
-
-def read_rgb(path: str | Path) -> torch.Tensor:
-    """An image file as a uint8 RGB tensor (3, H, W); the message names the file when it is missing or unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            return v2.functional.pil_to_tensor(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-
-
-def save_rgb(image: torch.Tensor, path: str | Path) -> Path:
-    """Write a uint8 (3, H, W) tensor as an image file (format from the suffix)."""
-    from PIL import Image
-
-    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path)
-    return Path(path)
 
 
 def _xywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
@@ -383,7 +367,7 @@ def read_coco(json_path: str | Path, image_root: str | Path | None = None) -> De
     return DetectionDataset(paths, boxes, labels, classes, source=str(json_path))
 
 
-def read_cub(root: str | Path, split: str, class_agnostic: bool = True) -> DetectionDataset:
+def read_cub(root: str | Path, split: str, class_agnostic: bool = False) -> DetectionDataset:
     """CUB-200-2011's one box per image (`bounding_boxes.txt`), through `resnetkit.data.CUB200`.
 
     class_agnostic: one class "bird"; otherwise the 200 (here: the subset's) species.
@@ -402,7 +386,7 @@ def read_cub(root: str | Path, split: str, class_agnostic: bool = True) -> Detec
 
 
 def load_detection_data(
-    source: str | Path, split: str = "train", *, class_agnostic: bool = True, transform: v2.Transform | None = None
+    source: str | Path, split: str = "train", *, class_agnostic: bool = False, transform: v2.Transform | None = None
 ) -> DetectionDataset:
     """Open a detection dataset by what `source` is.
 
@@ -429,12 +413,6 @@ def load_detection_data(
         raise FileNotFoundError(f"detection data not found: {source}")
     ds.transform = transform
     return ds
-
-
-def collate(batch: list) -> tuple[list, list]:
-    """Detection batches are lists: images differ in size, targets in box count."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
@@ -511,302 +489,147 @@ def predict_batch(model: FasterRCNN, images: list[torch.Tensor]) -> list[dict[st
     return [{k: v.cpu() for k, v in out.items()} for out in model(images)]
 
 
-def evaluate_detector(
-    model: FasterRCNN, dataset: DetectionDataset, batch_size: int = 4, workers: int = 0, progress: bool = False
-) -> dict[str, float]:
-    """COCO AP of `model` over `dataset` (read without augmentation), via pycocotools."""
-    from resnetkit.train.monitor import Progress
-
-    saved, dataset.transform = dataset.transform, detection_transform(False, 0)
-    try:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
-        device = next(model.parameters()).device
-        targets, predictions = [], []
-        with Progress(len(loader), desc="eval", enabled=progress) as bar:
-            for images, batch_targets in loader:
-                predictions += predict_batch(model, [im.to(device) for im in images])
-                targets += batch_targets
-                bar.update(images=len(images))
-    finally:
-        dataset.transform = saved
-    metrics = coco_map(targets, predictions, dataset.classes)
-    metrics["images"] = len(dataset)
-    return metrics
+def _gathered(items: list) -> list:
+    """Every rank's list, concatenated in rank order (each rank evaluated a contiguous shard)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return items
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 
-# ------------------------------------------------------------------------------------------------------- training
+# ------------------------------------------------------------------------------------------------------- the task
 
 
-@dataclass
-class DetectionConfig:
-    """A detection training run: the model, the data, the optimisation. YAML recipes in configs/detect_*.yaml."""
+class DetectionTask(Task):
+    """Detection for the engine: `load_detection_data` sets, box-moving augmentation, the detector's summed losses,
+    COCO mAP of the validation split (pycocotools), exact under DDP (the predictions are gathered)."""
 
-    model: DetectorConfig = field(default_factory=DetectorConfig)
-    data: str = ""
-    """A COCO JSON file, a folder of <split>.json files, or a CUB-200-2011 root."""
-    train_split: str = "train"
-    val_split: str = "test"
-    """Evaluated after every `eval_every` epochs and at the end ("" for none)."""
-    class_agnostic: bool = True
-    """CUB: one class "bird" (False: one class per species)."""
-    image_size: int = 512
-    """Longer image side in pixels for training (scale-jittered down to ~0.6x) and inference."""
-    epochs: int = 12
-    batch_size: int = 4
-    optimizer: str = "sgd"
-    """"sgd" (momentum 0.9) or "adamw"."""
-    lr: float = 0.02
-    """Peak learning rate, reached after `warmup_steps` and then decayed by a cosine to 0."""
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
-    max_train_images: int = 0
-    """Use only the first N training images (0: all): tiny runs and overfitting checks."""
-    eval_every: int = 1
-    workers: int = 2
-    seed: int = 0
-    out: str = "runs/detect"
-    """The run folder: config.yaml, last.pt, best.pt, metrics.jsonl, curves.png, tb/, eval.json."""
-    device: str = "cpu"
-    threads: int = 0
-    """CPU threads for torch (0: torch's default, one per core). On a CPU shared with other jobs use 1: with 2
-    threads on 2 busy cores a step took 30 s wall and 4 s CPU, with 1 thread 5.6 s wall and 0.5 s CPU (OpenMP
-    threads spin waiting for each other)."""
+    name = "detection"
+    metric = "val_map"
 
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        for name in ("epochs", "batch_size", "image_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    def build_loaders(self, cfg: Config, info):
+        from resnetkit.data import FileLoader, preprocess_info
+        from resnetkit.data.loader import collate_lists
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "config") -> DetectionConfig:
-        return dataclass_from_dict(cls, data, where)
-
-
-def load_detection_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> DetectionConfig:
-    """A YAML recipe (or the defaults) with `overrides` applied; "model.x" keys reach the model section."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of settings at the top level")
-    data = {**data, "model": dict(data.get("model") or {})}
-    for key, value in (overrides or {}).items():
-        if key.startswith("model."):
-            data["model"][key[len("model.") :]] = value
-        else:
-            data[key] = value
-    return DetectionConfig.from_dict(data, where=str(path or "config"))
-
-
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return 0.001 + (1 - 0.001) * step / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return f
-
-
-def train_one_epoch(
-    model: FasterRCNN,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    device: torch.device,
-    desc: str,
-    on_step=None,
-) -> dict[str, float]:
-    """One pass over `loader`; returns the mean of each loss (and their sum as "loss")."""
-    model.train()
-    totals: dict[str, float] = {}
-    from resnetkit.train.monitor import Progress
-
-    with Progress(len(loader), desc=desc) as bar:
-        for images, targets in loader:
-            images = [im.to(device) for im in images]
-            targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
-            losses = model(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite detection loss {loss.item()} ({losses}): lower the lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            values = {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
-            for k, v in values.items():
-                totals[k] = totals.get(k, 0.0) + v
-            bar.update(images=len(images), loss=values["loss"], lr=optimizer.param_groups[0]["lr"])
-            if on_step is not None:
-                on_step(values)
-    return {k: v / max(1, len(loader)) for k, v in totals.items()}
-
-
-def train_detector(config: DetectionConfig, resume: bool = False) -> dict[str, Any]:
-    """Train, evaluate after epochs, and keep `last.pt` / `best.pt` (by val mAP) in `config.out`.
-
-    resume: continue from `out/last.pt` (model, optimizer, schedule, rng, epoch). Returns the final metrics.
-    """
-    import yaml
-
-    from resnetkit import __version__
-    from resnetkit.checkpoint import load_checkpoint, save_checkpoint
-    from resnetkit.train.fit import rng_state, set_rng_state
-    from resnetkit.train.monitor import RunLogger
-
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    device = torch.device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-
-    train_set = load_detection_data(
-        config.data,
-        config.train_split,
-        class_agnostic=config.class_agnostic,
-        transform=detection_transform(True, config.image_size),
-    )
-    if config.max_train_images:
-        keep = range(min(config.max_train_images, len(train_set)))
-        train_set = DetectionDataset(
-            [train_set.paths[i] for i in keep],
-            [train_set.boxes[i] for i in keep],
-            [train_set.labels[i] for i in keep],
-            train_set.classes,
-            train_set.transform,
-            train_set.source,
+        self.cfg = cfg
+        d = cfg.data
+        size = d.image_size or 512
+        train_set = load_detection_data(d.name, d.train_split, class_agnostic=d.class_agnostic)
+        if d.subset is not None and d.subset < len(train_set):
+            train_set.select(stratified_indices(train_set.targets, d.subset, cfg.seed))
+        self.classes = list(train_set.classes)
+        self.preprocess = preprocess_info("detection", input_size=size)
+        common = dict(
+            device=info.device,
+            preprocess=self.preprocess,
+            seed=cfg.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+            workers=d.workers,
+            collate=collate_lists,
         )
-    val_set = (
-        load_detection_data(config.data, config.val_split, class_agnostic=config.class_agnostic)
-        if config.val_split
-        else None
-    )
-    config.model.num_classes = len(train_set.classes)
-    config.model.min_size = config.model.max_size = config.image_size
-    model = create_detector(config.model).to(device)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        shuffle=True,
-        num_workers=config.workers,
-        collate_fn=collate,
-        drop_last=len(train_set) > config.batch_size,
-        generator=generator,
-        persistent_workers=config.workers > 0,
-    )
-    total_steps = config.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(min(config.warmup_steps, total_steps // 4), total_steps)
-    )
-    config_dict = asdict(config)
-    start_epoch, best = 0, -math.inf
-    if resume and (out / "last.pt").is_file():
-        ckpt = load_checkpoint(out / "last.pt")
-        if ckpt.get("task") != "detection":
-            raise ValueError(f"{out / 'last.pt'} is not a detection checkpoint")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        generator.set_state(ckpt["rng"]["loader"])
-        start_epoch, best = ckpt["epoch"], ckpt.get("best_score", -math.inf)
-        print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
-    (out / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-
-    logger = RunLogger(out, title=f"{out.name}: Faster R-CNN {config.model.backbone}-FPN")
-    step = start_epoch * len(loader)
-    metrics: dict[str, Any] = {}
-
-    def on_step(values: dict[str, float]) -> None:
-        nonlocal step
-        step += 1
-        logger.log_scalars(step, {f"train/{k}": v for k, v in values.items()})
-
-    started = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
-        train_metrics = train_one_epoch(
-            model, loader, optimizer, scheduler, device, f"epoch {epoch + 1}/{config.epochs}", on_step
+        train_loader = FileLoader(
+            train_set,
+            batch_size=d.batch_size // info.world_size,
+            train=True,
+            transform_for=functools.partial(_transform_for, image_size=size),
+            **common,
         )
-        metrics = {"train_loss": train_metrics["loss"], "lr": optimizer.param_groups[0]["lr"]}
-        last_epoch = epoch + 1 == config.epochs
-        if val_set is not None and ((epoch + 1) % config.eval_every == 0 or last_epoch):
-            val = evaluate_detector(model, val_set, batch_size=config.batch_size, workers=config.workers)
-            metrics.update({f"val_{k}": v for k, v in val.items() if k.startswith("map")})
-            print(
-                f"epoch {epoch + 1}: val mAP {val['map']:.4f}  mAP@.5 {val['map50']:.4f}  mAP@.75 {val['map75']:.4f}",
-                flush=True,
+        train_loader.set_augmentation(d.train_augment)
+        return train_loader, self.eval_loader(cfg, d.val_split, info) if d.val_split else None
+
+    def eval_loader(self, cfg: Config, split: str, info):
+        """The loader of `split` that `evaluate` reads (the classes must be the training split's)."""
+        from resnetkit.data import FileLoader
+        from resnetkit.data.loader import collate_lists
+
+        d = cfg.data
+        dataset = load_detection_data(d.name, split, class_agnostic=d.class_agnostic)
+        if dataset.classes != self.classes:
+            raise ValueError(
+                f"{d.name} [{split}] has classes {dataset.classes[:5]}, the model {self.classes[:5]} "
+                "(class_agnostic differs?)"
             )
-        logger.log_epoch(epoch + 1, metrics)
-        # best.pt: the highest val mAP so far (the lowest training loss when there is no validation split)
-        score = metrics["val_map"] if "val_map" in metrics else None if val_set is not None else -metrics["train_loss"]
-        is_best = score is not None and score > best
-        best = max(best, score) if score is not None else best
-        state = {
-            "task": "detection",
-            "model": model.state_dict(),
-            "model_name": f"fasterrcnn_{config.model.backbone}_fpn",
-            "model_kwargs": asdict(config.model),
-            "classes": train_set.classes,
-            "config": config_dict,
-            "epoch": epoch + 1,
-            "step": 0,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {**rng_state(), "loader": generator.get_state()},
-            "metrics": metrics,
-            "best_score": best,
-            "version": __version__,
-        }
-        save_checkpoint(out / "last.pt", state)
-        if is_best:
-            save_checkpoint(out / "best.pt", state)
-    metrics["train_seconds"] = time.perf_counter() - started
-    logger.close()
+        eval_batch = d.eval_batch_size or d.batch_size
+        return FileLoader(
+            dataset,
+            batch_size=max(eval_batch // info.world_size, 1),
+            train=False,
+            device=info.device,
+            preprocess=self.preprocess,
+            seed=cfg.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+            workers=d.workers,
+            transform_for=functools.partial(_transform_for, image_size=self.preprocess["input_size"]),
+            collate=collate_lists,
+        )
+
+    def build_model(self, cfg: Config, load_weights: bool):
+        size = cfg.data.image_size or 512
+        config = DetectorConfig(
+            **asdict(cfg.detection),
+            backbone=cfg.model.name,
+            backbone_options=dict(cfg.model.options),
+            num_classes=cfg.model.num_classes or len(self.classes),
+            weights=cfg.model.weights if load_weights else None,
+            min_size=size,
+            max_size=size,
+        )
+        model = create_detector(config)
+        kwargs = {**asdict(config), "weights": None}  # the checkpoint holds every weight
+        return model, f"fasterrcnn_{cfg.model.name}_fpn", kwargs
+
+    @staticmethod
+    def rebuild(model_name: str, model_kwargs: dict[str, Any]) -> nn.Module:
+        return create_detector(dataclass_from_dict(DetectorConfig, model_kwargs, "model_kwargs"))
+
+    def head_parameters(self, model: nn.Module) -> set[int]:
+        body = {id(p) for p in model.backbone.body.parameters()}
+        return {id(p) for p in model.parameters() if id(p) not in body}
+
+    def freeze(self, model: nn.Module, mode: str) -> list[nn.Module]:
+        return []  # the config refuses model.freeze for detectors: detection.trainable_layers and frozen_bn do it
+
+    def training_step(self, model: nn.Module, batch):
+        images, targets = batch
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        n = torch.tensor(float(len(images)), device=loss.device)
+        sums = {"loss": loss.detach() * n, **{k: v.detach() * n for k, v in losses.items()}, "count": n}
+        return loss, sums
+
+    def train_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        count = max(totals["count"], 1)
+        return {f"train_{k}": v / count for k, v in totals.items() if k != "count"}
+
+    def evaluate(self, model: nn.Module, loader, cfg: Config, device: torch.device) -> dict[str, float]:
+        metrics = evaluate_detections(model, loader)
+        return {k: metrics[k] for k in ("map", "map50", "map75")}
+
+
+def _transform_for(augmenting: bool, image_size: int) -> v2.Transform:
+    return detection_transform(augmenting, image_size)
+
+
+@torch.no_grad()
+def evaluate_detections(model: nn.Module, loader, progress=None) -> dict[str, float]:
+    """COCO AP of `model` over a loader of (images, targets) (every rank its shard; gathered before scoring), via
+    pycocotools: map, map50, map75, map_small/medium/large, and the number of images."""
+    was_training = model.training
+    model.eval()
+    targets, predictions = [], []
+    for images, batch_targets in loader:
+        predictions += [{k: v.cpu() for k, v in out.items()} for out in model(images)]
+        targets += [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in batch_targets]
+        if progress is not None:
+            progress(len(images))
+    model.train(was_training)
+    targets, predictions = _gathered(targets), _gathered(predictions)
+    metrics = coco_map(targets, predictions, loader.classes)
+    metrics["num_images"] = len(targets)
     return metrics
-
-
-def detector_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[FasterRCNN, dict[str, Any]]:
-    """The detector a `detect train` checkpoint holds, in eval mode, and the checkpoint dict."""
-    from resnetkit.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    if ckpt.get("task") != "detection":
-        raise ValueError(f"{path} is not a detection checkpoint (written by `resnetkit detect train`)")
-    kwargs = dict(ckpt["model_kwargs"], weights=None)  # the checkpoint holds every weight
-    model = create_detector(dataclass_from_dict(DetectorConfig, kwargs, f"{path}: model_kwargs"))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
-
-
-# ---------------------------------------------------------------------------------------------------- predictions
-
-
-def predict_images(model: FasterRCNN, paths: list[str | Path], batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
-    """Detections for image files, in each image's pixels."""
-    results = []
-    device = next(model.parameters()).device
-    for start in range(0, len(paths), batch_size):
-        images = []
-        for p in paths[start : start + batch_size]:
-            images.append(read_rgb(p).float().div(255).to(device))
-        results += predict_batch(model, images)
-    return results
 
 
 def _font() -> str | None:
@@ -856,3 +679,43 @@ def draw_detections(
             fill_labels=True,
         )
     return out
+
+
+def predict_files(
+    bundle, files, out_dir: str | Path, *, score_thresh: float = 0.5, batch_size: int = 4, progress=None
+) -> list[dict[str, Any]]:
+    """Detect objects in image files with a detection bundle (`resnetkit.bundle.load_bundle`): writes each image with
+    its labelled boxes ("bird 0.93") as <stem>.png and predictions.json into `out_dir`; returns the records (one per
+    file: its boxes above `score_thresh`, or the error that kept it from being read)."""
+    from resnetkit.data.image import save_image
+    from resnetkit.deploy.predict import read_batches
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, classes = bundle.module, bundle.classes
+    device = next(model.parameters()).device
+    records, done = [], 0
+    for paths, images, errors in read_batches([Path(f) for f in files], batch_size):
+        records += [{"image": str(p), "error": message} for p, message in errors]
+        detections = predict_batch(model, [im.float().div(255).to(device) for im in images])
+        for path, image, det in zip(paths, images, detections):
+            target = out / f"{path.stem}.png"
+            save_image(draw_detections(image, det, classes, score_thresh), target)
+            keep = det["scores"] >= score_thresh
+            boxes = [
+                {"label": classes[int(c) - 1], "score": round(float(s), 4), "box": [round(v, 1) for v in b]}
+                for b, s, c in zip(
+                    det["boxes"][keep].tolist(), det["scores"][keep].tolist(), det["labels"][keep].tolist()
+                )
+            ]
+            records.append({"image": str(path), "output": str(target), "detections": boxes})
+        done += len(paths) + len(errors)
+        if progress is not None:
+            progress("detecting", done, len(files))
+    order = {str(f): i for i, f in enumerate(files)}
+    records.sort(key=lambda r: order[r["image"]])
+    (out / "predictions.json").write_text(json.dumps(records, indent=2) + "\n")
+    return records
+
+
+TASK = DetectionTask

@@ -1,26 +1,22 @@
-"""Semantic segmentation with a zoo ResNet as the encoder: a U-Net decoder, an FCN baseline head, VOC-style mask
-data, the synthetic shapes set, cross-entropy and Dice losses, confusion-matrix metrics, train / eval / predict.
+"""Semantic segmentation with a zoo ResNet as the encoder, as a task of the one engine: a U-Net decoder, an FCN
+baseline head, VOC-style mask data, the synthetic shapes set, cross-entropy and Dice losses, confusion-matrix metrics.
 
-    resnetkit segment train --data shapes --model resnet18 --stem cifar --image-size 64 --epochs 6
-    resnetkit segment eval runs/segment-shapes/best.pt --data shapes
-    resnetkit segment predict runs/segment-shapes/best.pt photo.jpg --out overlays/
+    resnetkit train --config configs/segment_shapes.yaml
+    resnetkit eval --checkpoint runs/shapes-r20/best.pt
+    resnetkit predict --checkpoint runs/shapes-r20/best.pt photo.jpg --out overlays/
 
     >>> from resnetkit.tasks.segmentation import create_segmentation_model
     >>> model = create_segmentation_model("unet", "resnet50", num_classes=21)   # (N, 21, H, W) logits
 
-Checkpoints are one dict, written atomically by `resnetkit.checkpoint.save_checkpoint`, with the usual keys plus
-`task="segmentation"`; `model_name` is the head ("unet" or "fcn") and `model_kwargs` its options (encoder name,
-encoder options, num_classes, decoder width), so `segmentation_model_from_checkpoint` rebuilds it exactly.
+Checkpoints carry the engine's keys with `task="segmentation"`; `model_name` is the head ("unet" or "fcn") and
+`model_kwargs` its options (encoder name, encoder options, num_classes, decoder width).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import functools
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from resnetkit.config import dataclass_from_dict
+from resnetkit.config import SEGMENTATION_HEADS as HEADS
+from resnetkit.config import SEGMENTATION_LOSSES as LOSSES
+from resnetkit.config import Config
+from resnetkit.data.datasets import SkippedSample, stratified_indices
+from resnetkit.data.image import IMAGE_SUFFIXES, BadImageError, decode_image, read_mask
+from resnetkit.tasks import Task
+from resnetkit.train.distributed import all_reduce_sum
 
 IGNORE_INDEX = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-HEADS = ("unet", "fcn")
-LOSSES = ("ce", "dice", "ce+dice")
 VOC_CLASSES = (
     "background",
     "aeroplane",
@@ -157,91 +154,66 @@ def create_segmentation_model(
     return SegmentationModel(enc, decoder_cls(channels, num_classes, decoder_channels), num_classes)
 
 
-def segmentation_model_from_checkpoint(path: str | Path) -> tuple[SegmentationModel, dict[str, Any]]:
-    """Rebuild the model a `segment train` checkpoint holds, in eval mode, and return it with the checkpoint."""
-    from resnetkit.checkpoint import CheckpointError, load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    if ckpt.get("task") != "segmentation":
-        raise CheckpointError(
-            f"{path} is not a segmentation checkpoint (task={ckpt.get('task')!r}); "
-            "it was not written by `resnetkit segment train`"
-        )
-    model = create_segmentation_model(ckpt["model_name"], **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, ckpt
-
-
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Class indices (H, W) uint8 from a palette ("P") or greyscale ("L") PNG, as VOC stores them.
-
-    An RGB mask holds colours, not indices: it is refused rather than guessed at.
-    """
-    with Image.open(path) as im:
-        if im.mode not in ("P", "L"):
-            raise ValueError(
-                f"mask {path} is a {im.mode}-mode image; masks must be palette (P) or greyscale (L) "
-                "PNGs whose pixel values are class indices (255 = ignore)"
-            )
-        return np.array(im, dtype=np.uint8)
-
-
-def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (N, 3, H, W) or (3, H, W) -> float, normalised with per-channel mean and std."""
-    m = torch.tensor(mean).view(-1, 1, 1)
-    s = torch.tensor(std).view(-1, 1, 1)
-    return (images.float() / 255.0 - m) / s
-
-
-def preprocess_image(image: Image.Image, preprocess: dict[str, Any]) -> torch.Tensor:
-    """A PIL image -> normalised float (3, S, S) as the model saw images in training (S = preprocess input_size)."""
-    size = preprocess["input_size"]
-    image = image.convert("RGB").resize((size, size), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return _normalize(x, preprocess["mean"], preprocess["std"])
-
-
 class SegmentationFolder(torch.utils.data.Dataset):
-    """Images and PNG masks of the same stem, resized to `image_size` squares (bilinear / nearest).
+    """Images and PNG masks of the same stem: (image, mask) as uint8 (3, H, W) and int64 (H, W) before `transform`
+    (which takes and returns the pair: `mask_transform`); 255 in a mask means "ignore this pixel". An unreadable
+    image or mask gives a SkippedSample unless `strict`."""
 
-    Returns (uint8 image (3, S, S), int64 mask (S, S)); 255 in a mask means "ignore this pixel".
-    """
-
-    def __init__(self, pairs: list[tuple[Path, Path]], classes: list[str], image_size: int) -> None:
+    def __init__(self, pairs: list[tuple[Path, Path]], classes: list[str], strict: bool = False) -> None:
         self.pairs = pairs
         self.classes = classes
-        self.image_size = image_size
+        self.transform = None
+        self.strict = strict
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def targets(self) -> list[int]:
+        return [0] * len(self.pairs)  # no per-image class: a subset is a plain seeded draw
+
+    def select(self, indices) -> None:
+        self.pairs = [self.pairs[i] for i in indices]
+
+    def __getitem__(self, i: int):
         image_path, mask_path = self.pairs[i]
-        size = (self.image_size, self.image_size)
-        with Image.open(image_path) as im:
-            image = im.convert("RGB").resize(size, Image.BILINEAR)
-        mask = Image.fromarray(read_mask(mask_path)).resize(size, Image.NEAREST)
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return x, torch.from_numpy(np.asarray(mask, dtype=np.uint8).astype(np.int64))
+        try:
+            image = decode_image(image_path)
+            mask = torch.from_numpy(read_mask(mask_path).astype(np.int64))
+        except BadImageError as e:
+            if self.strict:
+                raise
+            return SkippedSample(str(image_path), e.reason)
+        if tuple(mask.shape) != tuple(image.shape[-2:]):
+            reason = f"mask {mask_path} is {tuple(mask.shape)}, the image {tuple(image.shape[-2:])}"
+            if self.strict:
+                raise BadImageError(image_path, reason)
+            return SkippedSample(str(image_path), reason)
+        return self.transform(image, mask) if self.transform is not None else (image, mask)
 
 
-class TensorSegmentation(torch.utils.data.Dataset):
-    """In-memory images (N, 3, H, W) uint8 and masks (N, H, W): the synthetic set."""
+def mask_transform(augmenting: bool, preprocess: dict[str, Any]):
+    """(uint8 image, int64 mask) -> (normalised float image, int64 mask), both resized to the input_size square
+    (bilinear / nearest), flipped together at random when augmenting."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
 
-    def __init__(self, images: torch.Tensor, masks: torch.Tensor, classes: list[str]) -> None:
-        self.images = images
-        self.masks = masks.long()
-        self.classes = classes
+    size = [preprocess["input_size"]] * 2
+    ops = [v2.Resize(size, antialias=True)] + ([v2.RandomHorizontalFlip()] if augmenting else [])
+    ops += [
+        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+        v2.Normalize(preprocess["mean"], preprocess["std"]),
+    ]
+    compose = v2.Compose(ops)
 
-    def __len__(self) -> int:
-        return len(self.images)
+    def apply(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = compose(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        return x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.masks[i]
+    return apply
 
 
 def _find_pairs(images_dir: Path, masks_dir: Path, ids: list[str] | None) -> list[tuple[Path, Path]]:
@@ -301,32 +273,26 @@ def _folder_classes(root: Path, pairs: list[tuple[Path, Path]]) -> list[str]:
     return [f"class_{i}" for i in range(max(top + 1, 2))]
 
 
-def shapes_segmentation(n: int, image_size: int, seed: int, split: str) -> TensorSegmentation:
-    """The built-in synthetic set: `resnetkit.data.synthetic.render_shapes` images with their masks."""
-    from resnetkit.data import synthetic
-
-    images, _, masks = synthetic.render_shapes(n, image_size, seed, split)
-    names = list(getattr(synthetic, "SHAPE_CLASSES", None) or getattr(synthetic, "CLASSES", None) or [])
-    top = int(masks.max())
-    if len(names) < top:
-        names = [f"shape_{i}" for i in range(top)]
-    return TensorSegmentation(torch.as_tensor(images), torch.as_tensor(masks), ["background", *names])
+def is_shapes(name: str) -> bool:
+    return name == "shapes" or name.startswith("shapes:")
 
 
-def build_segmentation_dataset(
-    data: str, split: str, image_size: int, *, num_images: int | None = None, seed: int = 0
-) -> torch.utils.data.Dataset:
-    """ "shapes" (synthetic; `num_images` per split, val/test get a quarter) or a folder of images and PNG masks."""
-    if data == "shapes":
-        n = num_images or 256
-        if split != "train":
-            n = max(n // 4, 8)
-        return shapes_segmentation(n, image_size, seed, split)
-    root = Path(data)
+def segmentation_data(name: str, split: str, image_size: int):
+    """The built-in shapes (`shapes` or `shapes:N`, as `resnetkit.data.build_dataset` names them) as uint8 tensors
+    with their masks (a TensorData whose labels are the masks), or a folder of images and PNG masks (a
+    SegmentationFolder): <split>/images + <split>/masks, or a VOC layout."""
+    if is_shapes(name):
+        from resnetkit.data import SHAPE_CLASSES, build_dataset
+        from resnetkit.data.fast import TensorData
+
+        shapes = build_dataset(name, split, image_size=image_size)
+        images, _ = shapes.uint8_tensors()
+        return TensorData(images, shapes.masks.long(), ["background", *SHAPE_CLASSES])
+    root = Path(name)
     if not root.is_dir():
-        raise FileNotFoundError(f"segmentation data not found: {data!r} is neither 'shapes' nor a folder")
+        raise FileNotFoundError(f"segmentation data not found: {name!r} is neither 'shapes[:N]' nor a folder")
     pairs, root = _resolve_folder(root, split)
-    return SegmentationFolder(pairs, _folder_classes(root, pairs), image_size)
+    return SegmentationFolder(pairs, _folder_classes(root, pairs))
 
 
 # ---------------------------------------------------------------------------------------------------- losses
@@ -433,13 +399,6 @@ def palette(num_colors: int = 256) -> np.ndarray:
     return colors
 
 
-def mask_image(mask: np.ndarray) -> Image.Image:
-    """Class indices (H, W) -> a palette PNG image (the VOC colour map), readable back with `read_mask`."""
-    im = Image.fromarray(mask.astype(np.uint8), mode="P")
-    im.putpalette(palette().reshape(-1).tolist())
-    return im
-
-
 def overlay(
     image: Image.Image,
     mask: np.ndarray,
@@ -483,388 +442,204 @@ def overlay(
 # ---------------------------------------------------------------------------------------------------- training
 
 
-@dataclass
-class SegmentationConfig:
-    """One segmentation training run; saved as config.yaml in the run folder and in every checkpoint."""
-
-    data: str = "shapes"
-    """"shapes" (the synthetic set) or a folder: <split>/images + <split>/masks, or a VOC layout."""
-    model: str = "resnet18"
-    """Encoder: any zoo model with forward_stages (resnet18, resnet50, resnext50_32x4d, resnet20, ...)."""
-    head: str = "unet"
-    """"unet" (skip connections from every stage) or "fcn" (last stage only: the baseline)."""
-    weights: str | None = None
-    """Encoder weights: None, "imagenet", or a file (state dict / checkpoint / .safetensors)."""
-    stem: str | None = None
-    """Encoder stem for the ImageNet family: "imagenet" (stride 4) or "cifar" (stride 1, for small images)."""
-    decoder_channels: int = 256
-    """Width of the deepest U-Net decoder block, halved at each block up (the FCN head ignores it)."""
-    image_size: int = 64
-    """Images and masks are resized to image_size x image_size squares."""
-    num_images: int = 256
-    """Synthetic set only: training images (validation gets a quarter)."""
-    loss: str = "ce+dice"
-    """"ce", "dice", or "ce+dice"."""
-    ignore_index: int = IGNORE_INDEX
-    """Mask value of pixels that count for neither loss nor metrics (VOC borders)."""
-    epochs: int = 10
-    batch_size: int = 16
-    repeat: int = 1
-    """Passes over the training set that make one epoch: for tiny sets, so that validating, logging and saving once
-    per epoch don't cost more than the training itself."""
-    lr: float = 2e-3
-    """Peak AdamW learning rate: linear warm-up over the first quarter of the steps, then cosine decay to zero."""
-    weight_decay: float = 1e-4
-    flip: bool = True
-    """Random horizontal flips of image and mask together."""
-    workers: int = 0
-    """DataLoader worker processes for folder data (0 = load in the main process)."""
-    device: str = "auto"
-    threads: int | None = None
-    """torch CPU threads (None: torch's default). On a CPU shared with other jobs 1 is often fastest: two threads on
-    two busy cores spin at every synchronisation (a U-Net step measured 15 s instead of 0.7 s)."""
-    seed: int = 0
-    name: str = "segment"
-    output_dir: str = "runs"
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-
-    def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise ValueError(f"head: unknown segmentation head {self.head!r}; choose one of {', '.join(HEADS)}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss: unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        for key in ("image_size", "epochs", "batch_size", "repeat", "num_images", "decoder_channels"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be at least 16 pixels, got {self.image_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be at least 1, got {self.threads}")
-        if self.stem not in (None, "imagenet", "cifar"):
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("mean and std need 3 values each (R, G, B)")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "segmentation config") -> SegmentationConfig:
-        return dataclass_from_dict(cls, values, source)
+# ---------------------------------------------------------------------------------------------------- the task
 
 
-@dataclass
-class SegmentationResult:
-    run_dir: Path
-    best_checkpoint: Path
-    last_checkpoint: Path
-    metrics: dict[str, Any]
+class SegmentationTask(Task):
+    """Segmentation for the engine: shapes (the cached tensor pipeline, masks cropped and flipped with the pixels)
+    or mask folders (per-sample, image and mask resized and flipped together), the loss of `segmentation.loss`,
+    mIoU / pixel accuracy / Dice from one confusion matrix summed over DDP ranks."""
+
+    name = "segmentation"
+    metric = "val_miou"
+
+    def build_loaders(self, cfg: Config, info):
+        from resnetkit.data import preprocess_info
+
+        self.cfg = cfg
+        d = cfg.data
+        self.preprocess = preprocess_info("square", input_size=d.image_size or 64)
+        data = segmentation_data(d.name, d.train_split, self.preprocess["input_size"])
+        if d.subset is not None and d.subset < _size(data):
+            data = _select(data, stratified_indices([0] * _size(data), d.subset, cfg.seed))
+        self.classes = list(data.classes)
+        self.loss_fn = SegmentationLoss(cfg.segmentation.loss, cfg.segmentation.ignore_index)
+        train_loader = self._loader(data, cfg, info, d.batch_size // info.world_size, train=True)
+        train_loader.set_augmentation(d.train_augment)
+        val_loader = self.eval_loader(cfg, d.val_split, info) if d.val_split else None
+        return train_loader, val_loader
+
+    def eval_loader(self, cfg: Config, split: str, info):
+        """The loader of `split` that `evaluate` reads (the classes must be the training split's)."""
+        d = cfg.data
+        data = segmentation_data(d.name, split, self.preprocess["input_size"])
+        if len(data.classes) > len(self.classes):
+            raise ValueError(
+                f"{d.name} has {len(data.classes)} classes but the model was trained on {len(self.classes)}"
+            )
+        eval_batch = d.eval_batch_size or 2 * d.batch_size
+        return self._loader(data, cfg, info, max(eval_batch // info.world_size, 1), train=False)
+
+    def _loader(self, data, cfg: Config, info, batch_size: int, train: bool):
+        from resnetkit.data import FileLoader, TensorLoader
+
+        common = dict(
+            batch_size=batch_size,
+            train=train,
+            device=info.device,
+            preprocess=self.preprocess,
+            seed=cfg.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+        if isinstance(data, SegmentationFolder):
+            transform = functools.partial(mask_transform, preprocess=self.preprocess)
+            return FileLoader(data, workers=cfg.data.workers, transform_for=transform, **common)
+        # Flips only (no pad-crop): the shapes fill most of the image, a shifted crop would cut them.
+        ignore = cfg.segmentation.ignore_index
+        return TensorLoader(data, padding=0, dense=True, ignore_index=ignore, **common)
+
+    def build_model(self, cfg: Config, load_weights: bool):
+        s = cfg.segmentation
+        kwargs = {
+            "encoder": cfg.model.name,
+            "num_classes": cfg.model.num_classes or len(self.classes),
+            "encoder_options": dict(cfg.model.options),
+            "decoder_channels": s.decoder_channels,
+        }
+        weights = cfg.model.weights if load_weights else None
+        return create_segmentation_model(s.head, weights=weights, **kwargs), s.head, kwargs
+
+    @staticmethod
+    def rebuild(model_name: str, model_kwargs: dict[str, Any]) -> nn.Module:
+        return create_segmentation_model(model_name, **model_kwargs)
+
+    def head_parameters(self, model: nn.Module) -> set[int]:
+        return {id(p) for p in model.decoder.parameters()}
+
+    def freeze(self, model: nn.Module, mode: str) -> list[nn.Module]:
+        from resnetkit.train.optim import apply_freeze
+
+        return apply_freeze(model.encoder, mode)  # "head": only the decoder learns
+
+    def training_step(self, model: nn.Module, batch):
+        images, masks = batch
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = model(images)
+        loss = self.loss_fn(logits.float(), masks)
+        valid = masks != self.cfg.segmentation.ignore_index
+        n = torch.tensor(float(images.shape[0]), device=loss.device)
+        sums = {
+            "loss": loss.detach() * n,
+            "correct": ((logits.argmax(1) == masks) & valid).sum().float(),
+            "pixels": valid.sum().float(),
+            "count": n,
+        }
+        return loss, sums
+
+    def train_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        return {
+            "train_loss": totals["loss"] / max(totals["count"], 1),
+            "train_pixel_acc": totals["correct"] / max(totals["pixels"], 1),
+        }
+
+    def evaluate(self, model: nn.Module, loader, cfg: Config, device: torch.device) -> dict[str, float]:
+        result = evaluate_segmentation(model, loader, len(self.classes), cfg.segmentation.ignore_index, self.loss_fn)
+        return {k: result[k] for k in ("loss", "miou", "pixel_acc", "mean_dice")}
 
 
-def warmup_cosine(total_steps: int, warmup_fraction: float = 0.25):
-    """The learning-rate factor per step: a linear warm-up over the first quarter, then a cosine decay to zero
-    (one-cycle shaped; unlike OneCycleLR it accepts runs of one or two steps)."""
-    warmup = max(1, round(warmup_fraction * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-    return factor
+def _size(data) -> int:
+    return len(data) if isinstance(data, SegmentationFolder) else len(data.labels)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _loader(dataset, batch_size: int, workers: int, generator=None, repeat: int = 1) -> torch.utils.data.DataLoader:
-    """A training loader when `generator` (the shuffling) is given, an evaluation loader in order otherwise."""
-    sampler = None
-    if generator is not None:
-        sampler = torch.utils.data.RandomSampler(dataset, num_samples=len(dataset) * repeat, generator=generator)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
-
-
-def train_one_epoch(
-    model, loader, loss_fn, optimizer, scheduler, device, cfg: SegmentationConfig, progress=None
-) -> dict[str, float]:
-    """One pass over `loader`; returns the mean loss and pixel accuracy over the epoch's training batches."""
-    model.train()
-    total_loss, correct, counted = 0.0, 0, 0
-    for images, masks in loader:
-        x = _normalize(images, cfg.mean, cfg.std).to(device, non_blocking=True)
-        y = masks.to(device, non_blocking=True)
-        if cfg.flip:
-            flip = torch.rand(x.shape[0], device=device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            y = torch.where(flip[:, None, None], y.flip(-1), y)
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        valid = y != cfg.ignore_index
-        correct += int(((logits.argmax(1) == y) & valid).sum())
-        counted += int(valid.sum())
-        total_loss += loss.item() * x.shape[0]
-        if progress is not None:
-            progress.update(images=x.shape[0], loss=loss.item(), lr=scheduler.get_last_lr()[0])
-    n = len(loader.sampler)
-    return {"loss": total_loss / max(n, 1), "pixel_acc": correct / max(counted, 1)}
+def _select(data, keep: list[int]):
+    if isinstance(data, SegmentationFolder):
+        data.select(keep)
+        return data
+    index = torch.as_tensor(keep)
+    return type(data)(data.images[index], data.labels[index], data.classes)
 
 
 @torch.no_grad()
-def evaluate_model(
-    model, loader, num_classes: int, device, mean, std, loss_fn=None, ignore_index: int = IGNORE_INDEX
+def evaluate_segmentation(
+    model: nn.Module, loader, num_classes: int, ignore_index: int = IGNORE_INDEX, loss_fn=None, progress=None
 ) -> dict[str, Any]:
-    """Metrics of `model` over `loader` (and its mean loss when `loss_fn` is given)."""
+    """mIoU, per-class IoU and Dice, pixel accuracy (and the mean per-image loss with `loss_fn`) of `model` over a
+    loader of (images, masks); the confusion matrix and loss are summed over DDP ranks, so the numbers do not depend
+    on how the images are batched or sharded."""
+    was_training = model.training
     model.eval()
     metrics = SegmentationMetrics(num_classes, ignore_index)
-    total_loss = 0.0
+    device = next(model.parameters()).device
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x images, images
     for images, masks in loader:
-        x = _normalize(images, mean, std).to(device)
-        y = masks.to(device)
-        logits = model(x)
-        if loss_fn is not None:
-            total_loss += float(loss_fn(logits, y)) * x.shape[0]
-        metrics.update(logits.argmax(1), y)
+        logits = model(images)
+        if loss_fn is not None:  # image by image: Dice over a batch depends on the batch, and DDP batches differ
+            sums[0] += sum(loss_fn(lg[None].float(), m[None]).double() for lg, m in zip(logits, masks))
+        sums[1] += images.shape[0]
+        metrics.update(logits.argmax(1), masks)
+        if progress is not None:
+            progress(images.shape[0])
+    model.train(was_training)
+    metrics.confusion = all_reduce_sum(metrics.confusion.to(device)).cpu()
     result = metrics.compute()
+    total, count = all_reduce_sum(sums).tolist()
+    result["num_images"] = int(count)
     if loss_fn is not None:
-        result["loss"] = total_loss / max(len(loader.dataset), 1)
+        result["loss"] = total / max(count, 1)
     return result
 
 
-def train_segmentation(
-    config: SegmentationConfig | dict[str, Any], resume: str | Path | None = None, quiet: bool = False
-) -> SegmentationResult:
-    """Train a segmentation model; writes runs/<name>/ (config.yaml, last.pt, best.pt, metrics.jsonl, curves.png,
-    tb/). resume: a last.pt to continue from (its epoch, optimizer and schedule included)."""
-    import yaml
-
-    from resnetkit.checkpoint import load_checkpoint, save_checkpoint
-    from resnetkit.train.fit import rng_state, set_rng_state
-    from resnetkit.train.monitor import Progress, RunLogger
-
-    cfg = config if isinstance(config, SegmentationConfig) else SegmentationConfig.from_dict(config)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
-    train_set = build_segmentation_dataset(cfg.data, "train", cfg.image_size, num_images=cfg.num_images, seed=cfg.seed)
-    val_set = build_segmentation_dataset(cfg.data, "val", cfg.image_size, num_images=cfg.num_images, seed=cfg.seed)
-    classes = list(train_set.classes)
-    model_kwargs = {
-        "encoder": cfg.model,
-        "num_classes": len(classes),
-        "encoder_options": {"stem": cfg.stem} if cfg.stem else {},
-        "decoder_channels": cfg.decoder_channels,
-    }
-    model = create_segmentation_model(cfg.head, weights=cfg.weights, **model_kwargs).to(device)
-    shuffle = torch.Generator()
-    train_loader = _loader(train_set, cfg.batch_size, cfg.workers, shuffle, cfg.repeat)
-    val_loader = _loader(val_set, cfg.batch_size, cfg.workers)
-    loss_fn = SegmentationLoss(cfg.loss, cfg.ignore_index)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.epochs * len(train_loader)))
-
-    run_dir = Path(cfg.output_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_dict = dataclasses.asdict(cfg)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-    start_epoch, best_miou = 0, -1.0
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        if ckpt.get("task") != "segmentation" or ckpt.get("model_kwargs") != model_kwargs:
-            raise ValueError(
-                f"cannot resume from {resume}: it holds a different model "
-                f"({ckpt.get('model_name')} {ckpt.get('model_kwargs')})"
-            )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        start_epoch = ckpt["epoch"] + 1
-        best_miou = ckpt.get("best_miou", -1.0)
-    preprocess = {
-        "preset": "segmentation",
-        "input_size": cfg.image_size,
-        "resize": cfg.image_size,
-        "mean": list(cfg.mean),
-        "std": list(cfg.std),
-    }
-
-    def state(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        from resnetkit import __version__
-
-        return {
-            "task": "segmentation",
-            "model": model.state_dict(),
-            "model_name": cfg.head,
-            "model_kwargs": model_kwargs,
-            "classes": classes,
-            "preprocess": preprocess,
-            "config": config_dict,
-            "epoch": epoch,
-            "step": 0,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "metrics": metrics,
-            "best_miou": best_miou,
-            "version": __version__,
-        }
-
-    logger = RunLogger(run_dir)
-    metrics: dict[str, Any] = {}
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            shuffle.manual_seed(cfg.seed * 1000 + epoch)  # the epoch's order depends on nothing else: exact resume
-            with Progress(len(train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=not quiet) as bar:
-                train_stats = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, cfg, bar)
-            val = evaluate_model(model, val_loader, len(classes), device, cfg.mean, cfg.std, loss_fn, cfg.ignore_index)
-            metrics = {
-                "train_loss": train_stats["loss"],
-                "train_pixel_acc": train_stats["pixel_acc"],
-                "val_loss": val["loss"],
-                "val_miou": val["miou"],
-                "val_pixel_acc": val["pixel_acc"],
-                "val_dice": val["mean_dice"],
-                "lr": scheduler.get_last_lr()[0],
-                "epoch_time_s": time.perf_counter() - t0,
-            }
-            logger.log_epoch(epoch, metrics)
-            is_best = val["miou"] > best_miou
-            best_miou = max(best_miou, val["miou"])
-            metrics["per_class_iou"] = dict(zip(classes, val["per_class_iou"]))
-            save_checkpoint(run_dir / "last.pt", state(epoch, metrics))
-            if is_best:
-                save_checkpoint(run_dir / "best.pt", state(epoch, metrics))
-            if not quiet:
-                print(
-                    f"epoch {epoch + 1}/{cfg.epochs} loss {train_stats['loss']:.4f} val mIoU {val['miou']:.4f} "
-                    f"pixel acc {val['pixel_acc']:.4f} dice {val['mean_dice']:.4f}",
-                    flush=True,
-                )
-        if metrics:
-            logger.log_hparams(config_dict, {"best_val_miou": best_miou})
-    finally:
-        logger.close()
-    if not (run_dir / "last.pt").exists():
-        raise ValueError(f"nothing to train: the run in {run_dir} already reached epochs={cfg.epochs}")
-    if not metrics:  # resumed a finished run
-        metrics = load_checkpoint(run_dir / "last.pt")["metrics"]
-    return SegmentationResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", {**metrics, "best_miou": best_miou})
-
-
-# ---------------------------------------------------------------------------------------------------- eval, predict
-
-
-def evaluate_segmentation(
-    checkpoint: str | Path,
-    data: str | None = None,
-    split: str = "val",
-    batch_size: int = 16,
-    device: str = "auto",
-    out_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """mIoU, per-class IoU and Dice, pixel accuracy of a `segment train` checkpoint on `data` (default: the data it
-    was trained on) at the checkpoint's image size; writes seg_eval.json into `out_dir` when given."""
-    model, ckpt = segmentation_model_from_checkpoint(checkpoint)
-    cfg = ckpt["config"]
-    data = data or cfg["data"]
-    dev = _device(device)
-    pre = ckpt["preprocess"]
-    dataset = build_segmentation_dataset(
-        data, split, pre["input_size"], num_images=cfg.get("num_images"), seed=cfg.get("seed", 0)
-    )
-    classes = ckpt["classes"]
-    if len(dataset.classes) > len(classes):
-        raise ValueError(f"{data} has {len(dataset.classes)} classes but the checkpoint was trained on {len(classes)}")
-    loader = _loader(dataset, batch_size, 0)
-    ignore = cfg.get("ignore_index", IGNORE_INDEX)
-    result = evaluate_model(model.to(dev), loader, len(classes), dev, pre["mean"], pre["std"], ignore_index=ignore)
-    report = {
-        "checkpoint": str(checkpoint),
-        "data": data,
-        "split": split,
-        "num_images": len(dataset),
-        "miou": result["miou"],
-        "pixel_acc": result["pixel_acc"],
-        "mean_dice": result["mean_dice"],
-        "per_class_iou": {c: _nan_none(v) for c, v in zip(classes, result["per_class_iou"])},
-        "per_class_dice": {c: _nan_none(v) for c, v in zip(classes, result["per_class_dice"])},
-    }
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "seg_eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-def _nan_none(v: float) -> float | None:
-    return None if math.isnan(v) else v
-
-
-def _list_images(inputs: Sequence[str | Path]) -> list[Path]:
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"image not found: {item}")
-    if not paths:
-        raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
-    return paths
-
-
 @torch.no_grad()
-def predict_masks(
-    model: SegmentationModel, images: list[Image.Image], preprocess: dict[str, Any], device: str = "auto"
-) -> list[np.ndarray]:
-    """Class-index masks (H, W) uint8 at each image's own size: the model runs at the training size and its logits
-    are resized back bilinearly before the argmax."""
-    dev = _device(device)
-    model = model.to(dev).eval()
+def predict_masks(model: nn.Module, images: list[torch.Tensor], preprocess: dict[str, Any]) -> list[np.ndarray]:
+    """Class-index masks (H, W) uint8 at each uint8 image's own size: the model runs at the training size and its
+    logits are resized back bilinearly before the argmax."""
+    from resnetkit.data import eval_transform_from
+
+    transform = eval_transform_from(preprocess)
+    device = next(model.parameters()).device
+    model.eval()
     masks = []
     for image in images:
-        x = preprocess_image(image, preprocess).unsqueeze(0).to(dev)
-        logits = F.interpolate(model(x), size=(image.height, image.width), mode="bilinear", align_corners=False)
+        x = transform(image).unsqueeze(0).to(device)
+        logits = F.interpolate(model(x), size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)
         masks.append(logits.argmax(1)[0].to(torch.uint8).cpu().numpy())
     return masks
 
 
-def predict_segmentation(
-    checkpoint: str | Path,
-    inputs: Sequence[str | Path],
-    out_dir: str | Path,
-    alpha: float = 0.5,
-    save_masks: bool = False,
-    device: str = "auto",
-) -> list[Path]:
-    """Write `<stem>_overlay.png` (the image with class colours blended in, and a legend) for each input image or
-    folder of images, and `<stem>_mask.png` (palette PNG of class indices) with save_masks; returns overlay paths."""
+def predict_files(
+    bundle, files, out_dir: str | Path, *, alpha: float = 0.5, save_masks: bool = False, progress=None
+) -> list[dict[str, Any]]:
+    """Segment image files with a segmentation bundle (`resnetkit.bundle.load_bundle`): writes <stem>_overlay.png
+    (the image with class colours blended in, and a legend) and with `save_masks` <stem>_mask.png (a palette PNG of
+    class indices) into `out_dir`; returns one record per file (its outputs, or the error that kept it from being
+    read)."""
+    from resnetkit.data.image import save_mask, to_pil
+    from resnetkit.deploy.predict import read_batches
+
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be within [0, 1], got {alpha}")
-    model, ckpt = segmentation_model_from_checkpoint(checkpoint)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in _list_images(inputs):
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except OSError as e:
-            raise ValueError(f"cannot read image {path}: {e}") from e
-        mask = predict_masks(model, [image], ckpt["preprocess"], device)[0]
-        target = out / f"{path.stem}_overlay.png"
-        overlay(image, mask, alpha, classes=ckpt["classes"]).save(target)
-        if save_masks:
-            mask_image(mask).save(out / f"{path.stem}_mask.png")
-        written.append(target)
-    return written
+    records, done = [], 0
+    for paths, images, errors in read_batches([Path(f) for f in files], 1):
+        records += [{"image": str(p), "error": message} for p, message in errors]
+        for path, image, mask in zip(paths, images, predict_masks(bundle.module, images, bundle.preprocess)):
+            target = out / f"{path.stem}_overlay.png"
+            overlay(to_pil(image), mask, alpha, classes=bundle.classes).save(target)
+            record = {"image": str(path), "output": str(target)}
+            if save_masks:
+                record["mask"] = str(save_mask(mask, out / f"{path.stem}_mask.png", palette()))
+            records.append(record)
+        done += len(paths) + len(errors)
+        if progress is not None:
+            progress("segmenting", done, len(files))
+    return records
+
+
+def nan_none(v: float) -> float | None:
+    return None if math.isnan(v) else v
+
+
+TASK = SegmentationTask

@@ -1,37 +1,31 @@
-"""`resnetkit train --config configs/NAME.yaml [--set key=value ...] [--resume]`, also under torchrun:
+"""`resnetkit train --config FILE [--set key=value ...] [--resume]`: every task (classification, detection,
+segmentation: the recipe's `task:`), also under torchrun:
 
-torchrun --nproc_per_node 2 -m resnetkit train --config configs/demo.yaml --set train.epochs=2
+    torchrun --nproc_per_node 2 --max-restarts 1 -m resnetkit train --config configs/demo.yaml --set train.epochs=2
 """
 
 from __future__ import annotations
 
 import argparse
 
+from resnetkit.cli_shared import add_config_arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a model from a YAML recipe (from scratch or fine-tuning), resumable",
+        help="train a model from a YAML recipe (classification, detection or segmentation), resumable",
         description="Train as a YAML recipe says; outputs go to <output_dir>/<name>/ (default "
-        "runs/<config file name>/). Under torchrun, each process trains a shard (DDP).",
+        "runs/<config file name>/). Under torchrun, each process trains a shard (DDP); a group that torchrun "
+        "restarts (--max-restarts) resumes from last.pt by itself.",
     )
-    p.add_argument("--config", required=True, help="a YAML recipe, e.g. configs/demo.yaml")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=0.05 --set train.epochs=3 (repeatable)",
-    )
-    p.add_argument("--resume", action="store_true", help="continue the run in the run folder from its last.pt")
+    add_config_arguments(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from resnetkit.config import load_config
-    from resnetkit.train.loop import NonFiniteLoss
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -39,8 +33,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from resnetkit.cli import UserError
+    from resnetkit.cli_shared import UserError
     from resnetkit.train.fit import train
+    from resnetkit.train.loop import NonFiniteLoss
 
     try:
         result = train(cfg, resume=args.resume)

@@ -53,9 +53,30 @@ def setup(device_name: str = "auto") -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+            "nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+            **_restart_store(rank, world_size),
         )
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _restart_store(rank: int, world_size: int) -> dict:
+    """After torchrun restarted a failed group (--max-restarts), a store whose keys are this attempt's own.
+
+    The workers of a restarted group meet in the agent's store, which still holds the keys of the attempt before:
+    a new worker could read a dead peer's address before its successor overwrote it, and its connection is refused
+    (seen here about every other restart: "Gloo connectFullMesh failed ... Connection refused"). Prefixing every key
+    with the attempt number keeps the attempts apart. The first attempt uses torchrun's defaults unchanged.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    from datetime import timedelta
+
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, False, timeout=timedelta(minutes=10)
+    )
+    return {"store": dist.PrefixStore(f"resnetkit/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
 
 
 def cleanup() -> None:
@@ -78,6 +99,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP keeps the parameters equal, but each
+    rank's last forward of an epoch updates its own running statistics: without this, ranks would evaluate and hold
+    different models."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def barrier() -> None:

@@ -1,10 +1,14 @@
-"""`train(config)`: the orchestrator. Builds the loaders, model, optimiser and schedule, runs the epochs, evaluates,
-logs, checkpoints, and resumes exactly where a run stopped.
+"""`train(config)`: the one training engine, for every task. Builds the loaders and model through the task's adapter
+(`resnetkit.tasks`), the optimiser and schedule, runs the epochs, evaluates, logs, checkpoints, and resumes exactly
+where a run stopped: after Ctrl-C, a crash, SIGKILL, or a torchrun restart of a failed group.
 
     resnetkit train --config configs/demo.yaml --set train.epochs=3
-    torchrun --nproc_per_node 2 -m resnetkit train --config configs/demo.yaml
+    resnetkit train --config configs/detect_cub.yaml
+    torchrun --nproc_per_node 2 --max-restarts 1 -m resnetkit train --config configs/demo.yaml
 
 Run folder <output_dir>/<name>/: config.yaml (resolved), last.pt, best.pt, metrics.jsonl, curves.png, tb/, train.log.
+Checkpoint keys are the same for every task; `epoch` counts completed epochs and `step` the batches done within the
+next one (0 at an epoch's end).
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +29,9 @@ import torch.nn as nn
 from resnetkit.checkpoint import load_checkpoint, save_checkpoint
 from resnetkit.config import Config, config_from_dict, load_config, save_config
 from resnetkit.train import distributed
-from resnetkit.train.loop import NonFiniteLoss, Parts, evaluate, train_one_epoch
+from resnetkit.train.loop import NonFiniteLoss, Parts, train_one_epoch
 from resnetkit.train.monitor import Progress, RunLogger, format_fields
-from resnetkit.train.optim import LRSchedule, ModelEMA, apply_freeze, build_optimizer
+from resnetkit.train.optim import LRSchedule, ModelEMA, build_optimizer
 
 
 @dataclass
@@ -133,27 +136,11 @@ def _sum_across_ranks(flag: bool, device: torch.device) -> bool:
     return bool(distributed.all_reduce_sum(t).item() > 0)
 
 
-def _disable_augmentation(loader) -> None:
-    """Training batches in shuffled order but without random augmentation.
-
-    Adapted at the edge: build_loader ties augmentation to train=True, so this swaps in the evaluation transform of
-    whichever pipeline it built (the cached tensor pipeline's batch transform, or the DataLoader's per-sample one).
-    """
-    if hasattr(loader, "transform_batch"):
-        augmenting = loader.transform_batch
-        loader.transform_batch = lambda images, generator: augmenting(images, None)
-    elif hasattr(loader, "dataset"):
-        from resnetkit.data.transforms import build_transform
-
-        p = loader.preprocess
-        loader.dataset.transform = build_transform(p["preset"], False, p["mean"], p["std"], (), p["input_size"])
-    else:
-        raise ValueError("data.train_augment=false is not supported by this loader")
-
-
 def _check_resumable(ckpt: dict[str, Any], cfg: Config, path: Path) -> None:
     """The settings whose state a checkpoint holds must not change across a resume (epochs, lr etc. may)."""
     old = ckpt.get("config") or {}
+    if (old.get("task") or "classification") != cfg.task:
+        raise ValueError(f"--resume: {path} was trained for task {old.get('task')!r} but the config says {cfg.task!r}")
     for section, key in (
         ("model", "name"),
         ("optim", "name"),
@@ -167,21 +154,16 @@ def _check_resumable(ckpt: dict[str, Any], cfg: Config, path: Path) -> None:
             raise ValueError(f"--resume: {path} was trained with {section}.{key}={was!r} but the config says {now!r}")
 
 
-def build_model(cfg: Config, num_classes: int, *, load_weights: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """The model and the create_model options to rebuild it (saved in checkpoints as model_kwargs)."""
-    from resnetkit.models import create_model
-
-    kwargs = {**cfg.model.options, "num_classes": num_classes}
-    try:
-        model = create_model(cfg.model.name, weights=cfg.model.weights if load_weights else None, **kwargs)
-    except TypeError as e:  # unknown create_model option: name the config key
-        raise ValueError(f"model.options: {e}") from None
-    return model, kwargs
-
-
 def train(config: Config | str | Path | dict, *, resume: bool = False, quiet: bool = False) -> RunResult:
-    """Train as `config` says; with resume=True, continue from <run_dir>/last.pt exactly where it stopped."""
+    """Train as `config` says; with resume=True, continue from <run_dir>/last.pt exactly where it stopped.
+
+    A worker group that torchrun restarted after a failure (`--max-restarts`) resumes from last.pt by itself.
+    """
     cfg = as_config(config)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (cfg.run_dir / "last.pt").is_file():
+        resume = True
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     info = distributed.setup(cfg.train.device)
     owns_group = info.enabled
     try:
@@ -217,40 +199,6 @@ class _Run:
                 f"--set name=NEW for a new run"
             )
 
-    def _build_loaders(self):
-        from resnetkit.data import build_loader
-
-        cfg, info = self.cfg, self.info
-        d = cfg.data
-        if d.batch_size % info.world_size:
-            raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the {info.world_size} processes")
-        eval_batch = d.eval_batch_size or 2 * d.batch_size
-        common = dict(
-            preset=d.preset,
-            device=info.device,
-            seed=cfg.seed,
-            workers=d.workers,
-            rank=info.rank,
-            world_size=info.world_size,
-            fast=d.fast,
-            cache_dir=d.cache_dir,
-            root=d.root,
-        )
-        train_loader = build_loader(
-            d.name,
-            d.train_split,
-            batch_size=d.batch_size // info.world_size,
-            train=True,
-            augment=tuple(d.augment),
-            **common,
-        )
-        if not d.train_augment:
-            _disable_augmentation(train_loader)
-        val_loader = build_loader(
-            d.name, d.val_split, batch_size=max(eval_batch // info.world_size, 1), train=False, **common
-        )
-        return train_loader, val_loader
-
     def run(self) -> RunResult:
         cfg, info = self.cfg, self.info
         t = cfg.train
@@ -264,28 +212,35 @@ class _Run:
         if ckpt is not None:
             _check_resumable(ckpt, cfg, self.last_path)
 
-        train_loader, val_loader = self._build_loaders()
+        from resnetkit.tasks import get_task
+
+        task = self.task = get_task(cfg.task)
+        if cfg.data.batch_size % info.world_size:
+            raise ValueError(
+                f"data.batch_size={cfg.data.batch_size} is not divisible by the {info.world_size} processes"
+            )
+        self.metric = t.metric or task.metric
+        train_loader, val_loader = task.build_loaders(cfg, info)
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.classes = list(train_loader.classes)
-        num_classes = cfg.model.num_classes or len(self.classes)
-        model, self.model_kwargs = build_model(cfg, num_classes, load_weights=ckpt is None)
+        model, self.model_name, self.model_kwargs = task.build_model(cfg, load_weights=ckpt is None)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
         if t.sync_bn and info.enabled and info.device.type != "cuda":
             raise ValueError("train.sync_bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
         if t.sync_bn and info.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        frozen_norms = apply_freeze(model, cfg.model.freeze)
+        frozen_norms = task.freeze(model, cfg.model.freeze)
         model.to(info.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
         self.bare_model = model
         ema = ModelEMA(model, t.ema_decay) if t.ema else None
-        optimizer = build_optimizer(model, cfg.optim, cfg.model)
+        optimizer = build_optimizer(model, cfg.optim, cfg.model, task.head_parameters(model))
         steps_per_epoch = max(len(train_loader) // t.accum_steps + (len(train_loader) % t.accum_steps > 0), 1)
         total_steps = (
             steps_per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.epochs)
         )
         ticks = total_steps if cfg.schedule.per == "step" else t.epochs
-        schedule = LRSchedule(optimizer, cfg.schedule, cfg.optim.lr, ticks, maximize=not t.metric.endswith("loss"))
+        maximize = not self.metric.endswith("loss")
+        schedule = LRSchedule(optimizer, cfg.schedule, cfg.optim.lr, ticks, maximize=maximize)
         scaler = torch.amp.GradScaler(info.device.type, enabled=t.amp == "fp16")
         wrapped: nn.Module = model
         if info.enabled:
@@ -294,10 +249,7 @@ class _Run:
             )
         if t.compile:
             wrapped = torch.compile(wrapped)
-        mix = None
-        if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:
-            from resnetkit.data import mixup_cutmix as mix
-        parts = Parts(wrapped, optimizer, scaler, schedule, ema, cfg, num_classes, info.device, frozen_norms, mix=mix)
+        parts = Parts(wrapped, task, optimizer, scaler, schedule, ema, cfg, info.device, frozen_norms)
 
         start_epoch, start_step, totals, self.best = 0, 0, None, None
         self.best_epoch = None
@@ -318,9 +270,10 @@ class _Run:
         self.parts, self.logger = parts, logger
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_val = val_loader.num_samples if val_loader is not None else 0
         self.say(
-            f"training {cfg.model.name} ({n_params:,} parameters, {n_train:,} trainable) on {cfg.data.name}: "
-            f"{train_loader.num_samples} train / {val_loader.num_samples} val images, {len(self.classes)} classes, "
+            f"training {cfg.task} {self.model_name} ({n_params:,} parameters, {n_train:,} trainable) on "
+            f"{cfg.data.name}: {train_loader.num_samples} train / {n_val} val images, {len(task.classes)} classes, "
             f"{info.world_size} process(es) on {info.device}, run folder {self.run_dir}"
         )
         row: dict[str, Any] = {}
@@ -347,10 +300,10 @@ class _Run:
             raise
         logger.log_hparams(cfg.to_dict(), {k: v for k, v in row.items() if k.startswith("val_")})
         logger.close()
-        metrics = {**row, f"best_{t.metric}": self.best, "best_epoch": self.best_epoch}
+        metrics = {**row, f"best_{self.metric}": self.best, "best_epoch": self.best_epoch}
         if not interrupted:
             self.say(
-                f"done: best {t.metric} {self.best} at epoch {self.best_epoch}; outputs in {self.run_dir}/ "
+                f"done: best {self.metric} {self.best} at epoch {self.best_epoch}; outputs in {self.run_dir}/ "
                 f"(best.pt, last.pt, metrics.jsonl, curves.png, tb/, train.log)"
             )
         return RunResult(
@@ -382,12 +335,8 @@ class _Run:
                 n_images = running["count"] - state["images"]
                 state["images"], state["done"] = running["count"], done
                 lr = p.optimizer.param_groups[-1]["lr"]
-                bar.update(
-                    images=int(n_images),
-                    loss=running["loss"] / running["count"],
-                    acc=running["correct"] / running["count"],
-                    lr=lr,
-                )
+                shown = {k.removeprefix("train_"): v for k, v in self.task.train_metrics(running).items()}
+                bar.update(images=int(n_images), **shown, lr=lr)
                 if done % trace_every == 0:
                     lr_trace.append((epoch + done / n_batches, lr))
                 if not synced:
@@ -395,11 +344,7 @@ class _Run:
                 if p.global_step % 50 == 0:
                     self.logger.log_scalars(
                         p.global_step,
-                        {
-                            "train/loss": running["loss"] / running["count"],
-                            "train/lr": lr,
-                            "train/images_per_s": bar.rate(),
-                        },
+                        {"train/loss": shown["loss"], "train/lr": lr, "train/images_per_s": bar.rate()},
                     )
                 if _sum_across_ranks(stop.raised, self.info.device) if self.info.enabled else stop.raised:
                     state["interrupted"] = True
@@ -421,46 +366,57 @@ class _Run:
 
         if cfg.schedule.per == "epoch":
             p.schedule.tick()
-        count = max(running["count"], 1)
+        distributed.broadcast_buffers(self.bare_model)  # every rank evaluates and holds the same model
+        if p.ema is not None:
+            distributed.broadcast_buffers(p.ema.module)
+        count = max(running.get("count", 0), 1)
         row: dict[str, Any] = {
-            "train_loss": running["loss"] / count,
-            "train_acc": running["correct"] / count,
+            **self.task.train_metrics(running),
             "lr": p.optimizer.param_groups[-1]["lr"],
             "images_per_s": count / elapsed,
             "epoch_time_s": elapsed,
             "step": p.global_step,
         }
         last_epoch = epoch + 1 == t.epochs or (t.max_steps is not None and p.global_step >= t.max_steps)
-        if (epoch + 1) % t.eval_every == 0 or last_epoch:
-            evaluated = self._evaluate()
-            row.update(evaluated)
-        p.schedule.epoch_end(row.get(t.metric))
+        if self.val_loader is not None and ((epoch + 1) % t.eval_every == 0 or last_epoch):
+            row.update(self._evaluate())
+        p.schedule.epoch_end(row.get(self.metric))
         self.logger.log_epoch(epoch + 1, {**row, "lr_trace": lr_trace + [(epoch + 1.0, row["lr"])]})
-        improved = t.metric in row and (
-            self.best is None or (row[t.metric] < self.best if t.metric.endswith("loss") else row[t.metric] > self.best)
+        metric = row.get(self.metric)
+        improved = metric is not None and (
+            self.best is None or (metric < self.best if self.metric.endswith("loss") else metric > self.best)
         )
         if improved:
-            self.best, self.best_epoch = row[t.metric], epoch + 1
+            self.best, self.best_epoch = metric, epoch + 1
         self.say(f"epoch {epoch + 1}/{t.epochs} " + format_fields({k: v for k, v in row.items() if k != "step"}))
         self._save(epoch + 1, 0, None, row, best=improved)
         return row, False
 
     def _evaluate(self) -> dict[str, float]:
-        t, p = self.cfg.train, self.parts
-        kw = dict(device=self.info.device, amp=t.amp, channels_last=t.channels_last, flip=t.eval_flip)
-        out = {f"val_{k}": v for k, v in evaluate(p.model, self.val_loader, **kw).items() if k != "count"}
+        p, task, device = self.parts, self.task, self.info.device
+        out = {f"val_{k}": v for k, v in task.evaluate(p.model, self.val_loader, self.cfg, device).items()}
         if p.ema is not None:
-            ema = evaluate(p.ema.module, self.val_loader, **kw)
-            out.update({"val_ema_loss": ema["loss"], "val_ema_acc": ema["acc"]})
-        return out
+            out.update(
+                {f"val_ema_{k}": v for k, v in task.evaluate(p.ema.module, self.val_loader, self.cfg, device).items()}
+            )
+        return {k: v for k, v in out.items() if not k.endswith("count")}
 
-    def _log_image_grid(self, images: torch.Tensor) -> None:
-        pre = self.train_loader.preprocess
-        self.logger.log_images("train/augmented_batch", images, 0, pre.get("mean"), pre.get("std"))
+    def _log_image_grid(self, images) -> None:
+        if not isinstance(images, torch.Tensor):  # detection batches are lists of images of different sizes
+            return
+        pre = self.task.preprocess
+        normalised = pre.get("preset") != "detection"
+        self.logger.log_images(
+            "train/augmented_batch",
+            images,
+            0,
+            pre.get("mean") if normalised else None,
+            pre.get("std") if normalised else None,
+        )
 
     def _save(self, epoch: int, step: int, totals, metrics: dict[str, Any], best: bool) -> None:
         """Write last.pt (and best.pt) from rank 0; every rank takes part, since each one's RNG state is kept."""
-        from resnetkit import __version__
+        from resnetkit._version import __version__
 
         p = self.parts
         rngs = [rng_state()]
@@ -470,11 +426,12 @@ class _Run:
         if not self.info.is_main:
             return
         state = {
+            "task": self.cfg.task,
             "model": self.bare_model.state_dict(),
-            "model_name": self.cfg.model.name,
+            "model_name": self.model_name,
             "model_kwargs": self.model_kwargs,
-            "classes": self.classes,
-            "preprocess": dict(self.train_loader.preprocess),
+            "classes": self.task.classes,
+            "preprocess": dict(self.task.preprocess),
             "config": self.cfg.to_dict(),
             "epoch": epoch,
             "step": step,
@@ -491,13 +448,8 @@ class _Run:
             "best": self.best,
             "best_epoch": self.best_epoch,
             "version": __version__,
+            **self.task.checkpoint_extras(),
         }
         save_checkpoint(self.last_path, state)
         if best:
             save_checkpoint(self.best_path, state)
-
-
-def main_entry(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience for `python -m`
-    from resnetkit.cli import main
-
-    return main(["train", *(argv if argv is not None else sys.argv[1:])])

@@ -1,7 +1,8 @@
-"""The training step, one epoch of it, and evaluation: pure steps that return metrics; fit.py wires them.
+"""The training step and one epoch of it, for every task: pure steps that return running sums; fit.py wires them.
 
 Every option is a value, not a branch: autocast and the GradScaler are disabled rather than skipped, DDP's
-no_sync is a nullcontext when there is nothing to skip, and the EMA is optional only at its one call.
+no_sync is a nullcontext when there is nothing to skip, and the EMA is optional only at its one call. What a batch
+is and how its loss is computed belongs to the task (`resnetkit.tasks.Task.training_step`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from resnetkit.config import Config
 from resnetkit.train.distributed import all_reduce_sum, unwrap
@@ -35,35 +36,28 @@ class Parts:
     """Everything a training step touches."""
 
     model: nn.Module  # possibly wrapped in DDP / torch.compile
+    task: Any  # resnetkit.tasks.Task: the batch's loss and running sums
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     schedule: LRSchedule
     ema: ModelEMA | None
     cfg: Config
-    num_classes: int
     device: torch.device
     frozen_norms: list[nn.Module] = field(default_factory=list)
     global_step: int = 0  # optimizer steps taken
-    mix: Callable | None = None  # resnetkit.data.mixup_cutmix when mixup or cutmix is on
 
 
-def train_step(p: Parts, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(p: Parts, batch: Any, sync: bool) -> dict[str, torch.Tensor]:
     """Forward and backward one batch; with `sync`, also clip, step, update the EMA and tick a per-step schedule.
 
-    Returns the batch's mean loss and number of correct predictions (both as tensors: no device sync here).
+    Returns the batch's running sums (tensors: no device sync here).
     """
     t = p.cfg.train
-    if t.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    targets = labels
-    if p.mix is not None:
-        images, targets = p.mix(images, labels, p.num_classes, p.cfg.data.mixup_alpha, p.cfg.data.cutmix_alpha)
     # Under DDP, accumulation steps skip the gradient all-reduce; only the step that updates pays for it.
     no_sync = p.model.no_sync if not sync and hasattr(p.model, "no_sync") else contextlib.nullcontext
     with no_sync():
         with autocast(p.device, t.amp):
-            logits = p.model(images)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=t.label_smoothing)
+            loss, sums = p.task.training_step(p.model, batch)
         p.scaler.scale(loss / t.accum_steps).backward()
     if sync:
         if t.grad_clip:
@@ -77,7 +71,7 @@ def train_step(p: Parts, images: torch.Tensor, labels: torch.Tensor, sync: bool)
             p.ema.update(unwrap(p.model))
         if p.cfg.schedule.per == "step":
             p.schedule.tick()
-    return loss.detach(), (logits.argmax(1) == labels).sum()
+    return sums
 
 
 def train_one_epoch(
@@ -88,67 +82,33 @@ def train_one_epoch(
     start_step: int = 0,
     totals: dict[str, float] | None = None,
     after_step: Callable[[int, dict[str, float], bool], bool] | None = None,
-    peek: Callable[[torch.Tensor], None] | None = None,
+    peek: Callable[[Any], None] | None = None,
 ) -> dict[str, float]:
     """Train over the rest of `loader`'s epoch, from batch `start_step`.
 
-    totals: running sums {loss, correct, count} carried over from a resumed checkpoint.
+    totals: running sums carried over from a resumed checkpoint.
     after_step(batches_done, totals, synced) is called after every batch; returning True stops the epoch early.
-    peek(images) sees the first batch as the model will (for a TensorBoard grid of augmented images).
+    peek(inputs) sees the first batch's inputs as the model will (for a TensorBoard grid of augmented images).
     Raises NonFiniteLoss naming the step when the loss is NaN or infinite (on any rank).
     """
-    totals = dict(totals or {"loss": 0.0, "correct": 0.0, "count": 0.0})
+    totals = dict(totals or {})
     train_mode(p.model, p.frozen_norms)
     n_batches = len(loader)
-    for step, (images, labels) in enumerate(loader, start=start_step):
+    for step, batch in enumerate(loader, start=start_step):
         if peek is not None and step == start_step:
-            peek(images)
+            peek(batch[0])
         sync = (step + 1) % p.cfg.train.accum_steps == 0 or step + 1 == n_batches
-        loss, correct = train_step(p, images, labels, sync)
-        stats = torch.stack(
-            [loss.float() * labels.numel(), correct.float(), torch.tensor(float(labels.numel()), device=loss.device)]
-        )
-        loss_sum, n_correct, n = all_reduce_sum(stats).tolist()  # every rank stops together on a NaN
-        if not math.isfinite(loss_sum):
+        sums = train_step(p, batch, sync)
+        keys = list(sums)
+        values = all_reduce_sum(torch.stack([sums[k].float().reshape(()) for k in keys])).tolist()
+        batch_sums = dict(zip(keys, values))  # every rank sees the same sums: all stop together on a NaN
+        if not math.isfinite(batch_sums["loss"]):
             raise NonFiniteLoss(
-                f"loss is {loss_sum / n} at epoch {epoch + 1}, step {step + 1} of {n_batches} "
-                f"(optimizer step {p.global_step})"
+                f"loss is {batch_sums['loss'] / max(batch_sums['count'], 1)} at epoch {epoch + 1}, step {step + 1} "
+                f"of {n_batches} (optimizer step {p.global_step})"
             )
-        totals["loss"] += loss_sum
-        totals["correct"] += n_correct
-        totals["count"] += n
+        for key, value in batch_sums.items():
+            totals[key] = totals.get(key, 0.0) + value
         if after_step is not None and after_step(step + 1, totals, sync):
             break
     return totals
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable,
-    *,
-    device: torch.device,
-    amp: str = "none",
-    channels_last: bool = False,
-    flip: bool = False,
-) -> dict[str, float]:
-    """Mean loss and top-1 accuracy over the loader, summed over DDP ranks (each rank holds a distinct shard).
-
-    flip: average the logits of each image and its mirror (test-time augmentation).
-    """
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for images, labels in loader:
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(images).float()
-            if flip:
-                logits = (logits + model(images.flip(3)).float()) / 2
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-        sums[1] += (logits.argmax(1) == labels).sum()
-        sums[2] += labels.numel()
-    loss, correct, count = all_reduce_sum(sums).tolist()
-    model.train(was_training)
-    return {"loss": loss / max(count, 1), "acc": correct / max(count, 1), "count": int(count)}

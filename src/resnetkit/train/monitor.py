@@ -12,7 +12,7 @@
 `Progress` draws a rich bar (step, fields, images/s, ETA) when stdout is a terminal, and otherwise prints a plain
 line every `every_s` seconds and at the end, so CI logs and `train.log` stay readable.
 `RunLogger` appends one JSON row per epoch to `metrics.jsonl`, writes TensorBoard events under `tb/`, and redraws
-`curves.png` after every epoch. Detection and segmentation reuse both.
+`curves.png` after an epoch (at most every `plot_every_s` seconds, and when it closes).
 """
 
 from __future__ import annotations
@@ -215,12 +215,18 @@ class RunLogger:
     drawn, not written to TensorBoard.
     """
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, title: str | None = None) -> None:
+    def __init__(
+        self, run_dir: str | Path, *, enabled: bool = True, title: str | None = None, plot_every_s: float = 10.0
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.title = self.run_dir.name if title is None else title
         self.rows: list[dict[str, Any]] = []
         self._writer = None
+        # Drawing curves.png takes ~0.3 s: with many short epochs, redraw at most this often (and when closing).
+        self.plot_every_s = plot_every_s
+        self._plotted_at: float | None = None
+        self._unplotted = False
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +272,13 @@ class RunLogger:
         self.writer.flush()
         if trace:
             self.rows[-1] = {**row, "lr_trace": trace}
+        self._unplotted = True
+        if self._plotted_at is None or time.perf_counter() - self._plotted_at >= self.plot_every_s:
+            self._plot()
+
+    def _plot(self) -> None:
         plot_curves(self.rows, self.run_dir / "curves.png", title=self.title)
+        self._plotted_at, self._unplotted = time.perf_counter(), False
 
     def log_images(self, tag: str, images: torch.Tensor, step: int, mean=None, std=None) -> None:
         """A grid of a batch of images (N, C, H, W); normalised images are un-normalised with `mean`/`std`."""
@@ -294,6 +306,8 @@ class RunLogger:
         self.writer.flush()
 
     def close(self) -> None:
+        if self.enabled and self._unplotted:
+            self._plot()
         if self._writer is not None:
             self._writer.close()
             self._writer = None

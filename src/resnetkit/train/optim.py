@@ -16,12 +16,17 @@ import torch.nn as nn
 from resnetkit.config import ModelConfig, OptimConfig, ScheduleConfig
 
 
-def param_groups(model: nn.Module, optim: OptimConfig, backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, optim: OptimConfig, backbone_lr_scale: float = 1.0, head: set[int] | None = None
+) -> list[dict[str, Any]]:
     """Trainable parameters in up to four groups: {backbone, head} x {decayed, not decayed}.
 
-    Each group carries `lr_scale`, which the schedule multiplies into its learning rate.
+    head: ids of the head's parameters (default: the classifier's, `model.get_classifier()`); the task says which
+    they are (a detector's RPN and box heads, a segmentation decoder). Each group carries `lr_scale`, which the
+    schedule multiplies into its learning rate.
     """
-    head = {id(p) for p in model.get_classifier().parameters()}
+    if head is None:
+        head = {id(p) for p in model.get_classifier().parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if not p.requires_grad:
@@ -45,8 +50,10 @@ def param_groups(model: nn.Module, optim: OptimConfig, backbone_lr_scale: float 
     return out
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, model_cfg: ModelConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, optim, model_cfg.backbone_lr_scale)
+def build_optimizer(
+    model: nn.Module, optim: OptimConfig, model_cfg: ModelConfig, head: set[int] | None = None
+) -> torch.optim.Optimizer:
+    groups = param_groups(model, optim, model_cfg.backbone_lr_scale, head)
     name, lr = optim.name, optim.lr
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov and optim.momentum > 0)

@@ -1,5 +1,5 @@
-"""Figures of an evaluation (confusion matrix, reliability diagram, misclassified grid) and the run report: one
-self-contained HTML file (every image embedded as base64, no external resource) and a Markdown twin.
+"""The run report: one self-contained HTML file (every image embedded as base64, no external resource) and a
+Markdown twin.
 
     resnetkit report runs/demo            # writes runs/demo/report.html and runs/demo/report.md
 
@@ -12,7 +12,6 @@ reliability diagram, the misclassified grid, the environment and the wall time. 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import os
@@ -24,179 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-DPI = 100
-MANY_CLASSES = 30  # beyond this, the confusion matrix drops per-cell numbers and most tick labels
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    _pyplot().close(fig)
-    return path
-
-
-def confusion_figsize(num_classes: int) -> tuple[float, float]:
-    """Inches: grows with the class count up to 30 classes (room for names), fixed at 10 x 9 beyond."""
-    if num_classes > MANY_CLASSES:
-        return 10.0, 9.0
-    side = min(max(5.0, 0.42 * num_classes + 3.0), 15.6)
-    return side + 1.0, side
-
-
-def write_confusion_csv(confusion: list[list[int]], classes: list[str], path: str | Path) -> Path:
-    """Counts: one row per true class, one column per predicted class, class names as headers."""
-    path = Path(path)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *classes])
-        for name, row in zip(classes, confusion):
-            writer.writerow([name, *row])
-    return path
-
-
-def plot_confusion_matrix(confusion: list[list[int]], classes: list[str], path: str | Path, title: str = "") -> Path:
-    """Row-normalised confusion matrix (each row: where a true class's samples went), classes sorted by recall,
-    best first, so the weak classes and their confusions gather at the bottom right. Up to 30 classes every cell
-    shows its percentage and every class is named; beyond, the matrix is drawn as an image with sparse ticks."""
-    plt = _pyplot()
-    counts = np.asarray(confusion, dtype=np.float64)
-    num_classes = len(classes)
-    support = counts.sum(1, keepdims=True)
-    normalised = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
-    recall = normalised.diagonal()
-    order = np.argsort(-recall, kind="stable")
-    matrix = normalised[order][:, order]
-    names = [classes[i] for i in order]
-
-    from matplotlib.colors import Normalize, PowerNorm
-
-    fig, ax = plt.subplots(figsize=confusion_figsize(num_classes), layout="constrained")
-    # With many classes most mass sits in small off-diagonal fractions: a square-root scale makes them visible.
-    norm = PowerNorm(0.5, vmin=0, vmax=1) if num_classes > MANY_CLASSES else Normalize(vmin=0, vmax=1)
-    image = ax.imshow(matrix, cmap="Blues", norm=norm, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="fraction of the true class")
-    if num_classes <= MANY_CLASSES:
-        ticks = np.arange(num_classes)
-        ax.set_xticks(ticks, names, rotation=45, ha="right", rotation_mode="anchor")
-        ax.set_yticks(ticks, names)
-        fontsize = 9 if num_classes <= 12 else 7 if num_classes <= 20 else 5.5
-        for i in range(num_classes):
-            for j in range(num_classes):
-                value = matrix[i, j]
-                if value > 0 or i == j:  # a cell under half a percent reads "<1", not a misleading "0"
-                    percent = int(value * 100 + 0.5)  # half up: 1 of 200 is "1", not Python's "0"
-                    text = "<1" if percent == 0 and value > 0 else str(percent)
-                    color = "white" if value > 0.5 else "black"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color=color)
-    else:
-        step = int(np.ceil(num_classes / 20))  # ~20 position ticks, so a cell can be found by its rank
-        ticks = np.arange(0, num_classes, step)
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.set_yticks(ticks, [str(t) for t in ticks])
-        ax.set_xlabel("predicted class (rank by recall)")
-        ax.set_ylabel("true class (rank by recall)")
-    if num_classes <= MANY_CLASSES:
-        ax.set_xlabel("predicted class")
-        ax.set_ylabel("true class")
-    scale = " (square-root colour scale)" if num_classes > MANY_CLASSES else ""
-    ax.set_title(f"{title}\n" * bool(title) + f"row-normalised %, classes sorted by recall{scale}", fontsize=10)
-    return _save(fig, path)
-
-
-def plot_reliability(calibration: list[dict[str, Any]], ece: float, path: str | Path) -> Path:
-    """Reliability diagram: accuracy against confidence per bin (a perfectly calibrated model lies on the
-    diagonal), the gap shaded, and below it how many samples fall in each bin."""
-    plt = _pyplot()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.0), height_ratios=(3, 1), sharex=True, layout="constrained")
-    lower = np.array([b["lower"] for b in calibration])
-    width = np.array([b["upper"] - b["lower"] for b in calibration])
-    count = np.array([b["count"] for b in calibration])
-    filled = count > 0
-    accuracy = np.array([b["accuracy"] if b["count"] else 0.0 for b in calibration])
-    confidence = np.array([b["confidence"] if b["count"] else 0.0 for b in calibration])
-    top.bar(
-        lower[filled],
-        accuracy[filled],
-        width=width[filled],
-        align="edge",
-        color="tab:blue",
-        edgecolor="black",
-        linewidth=0.5,
-        label="accuracy",
-    )
-    gap_bottom = np.minimum(accuracy, confidence)[filled]
-    top.bar(
-        lower[filled],
-        np.abs(confidence - accuracy)[filled],
-        bottom=gap_bottom,
-        width=width[filled],
-        align="edge",
-        color="tab:red",
-        alpha=0.35,
-        edgecolor="tab:red",
-        hatch="//",
-        label="gap to confidence",
-    )
-    top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    top.set_xlim(0, 1)
-    top.set_ylim(0, 1)
-    top.set_ylabel("accuracy")
-    top.set_title(f"reliability diagram: ECE {ece * 100:.2f}%")
-    top.legend(loc="upper left", fontsize=8)
-    top.grid(alpha=0.3)
-    bottom.bar(lower, count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
-    bottom.set_xlabel("confidence (max softmax probability)")
-    bottom.set_ylabel("samples")
-    bottom.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def misclassified_figsize(count: int) -> tuple[float, float]:
-    if count == 0:
-        return 5.0, 1.6  # room for the title and the "no misclassified images" note
-    cols = min(5, max(count, 1))
-    rows = max(1, int(np.ceil(count / cols)))
-    return 2.1 * cols, 2.45 * rows
-
-
-def plot_misclassified(images: torch.Tensor, labels: list[tuple[str, str, float]], path: str | Path) -> Path:
-    """A grid (5 per row) of the most confidently misclassified images, each titled with its true class and the
-    predicted class with its probability. images: uint8 (N, 3, H, W); labels: (true, predicted, confidence)."""
-    plt = _pyplot()
-    count = len(labels)
-    cols = min(5, max(count, 1))
-    rows = max(1, int(np.ceil(count / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=misclassified_figsize(count), squeeze=False, layout="constrained")
-    for ax in axes.flat:
-        ax.axis("off")
-    if count == 0:
-        axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=11)
-    for ax, image, (true, predicted, confidence) in zip(axes.flat, images, labels):
-        ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest" if image.shape[-1] < 96 else "antialiased")
-        ax.set_title(
-            f"true: {_short(true)}\npred: {_short(predicted)} ({confidence:.0%})", fontsize=9, color="firebrick"
-        )
-    fig.suptitle("most confidently misclassified", fontsize=11)
-    return _save(fig, path)
-
-
-def _short(name: str, width: int = 18) -> str:
-    return name if len(name) <= width else name[: width - 1] + "…"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The run report
 
 
 def _cpu_name() -> str:
@@ -213,7 +39,7 @@ def environment() -> dict[str, str]:
     """Versions and the device of this process (the one writing the report and running the evaluation)."""
     import torchvision
 
-    from resnetkit import __version__
+    from resnetkit._version import __version__
 
     env = {
         "resnetkit": __version__,
@@ -275,7 +101,7 @@ def gather_run(run_dir: str | Path, evaluate_if_missing: bool = True, **eval_kwa
                 f"{eval_dir / 'eval.json'} not found: run `resnetkit eval --checkpoint "
                 f"{checkpoint} --out {eval_dir}` first"
             )
-        from resnetkit.evaluate import evaluate
+        from resnetkit.evaluation.evaluate import evaluate
 
         evaluate(checkpoint, out_dir=eval_dir, **eval_kwargs)
     try:

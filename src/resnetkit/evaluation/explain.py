@@ -1,18 +1,20 @@
 """Grad-CAM (Selvaraju et al. 2017, "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
 Localization") for every model in the zoo, and an overlay of the heatmap on the image.
 
-    >>> from resnetkit.explain import gradcam, overlay
+    >>> from resnetkit.evaluation.explain import gradcam, overlay
     >>> heat = gradcam(model, images)                      # (N, H, W) in [0, 1], last stage, predicted class
     >>> heat = gradcam(model, images, class_idx=3, layer="layer3")
     >>> overlay(pil_image, heat[0]).save("cam.png")
 
     resnetkit explain --checkpoint runs/demo/best.pt photo.jpg --top-k 3 --out explain/
+    >>> records = explain_files(load_bundle("runs/demo/best.pt"), ["photo.jpg"], "explain/")
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -155,7 +157,7 @@ def overlay(
 
 def explain_top_k(
     model: nn.Module,
-    image: Image.Image,
+    image: torch.Tensor,
     preprocess: dict,
     classes: Sequence[str],
     top_k: int = 3,
@@ -163,6 +165,7 @@ def explain_top_k(
 ) -> tuple[Image.Image, list[dict]]:
     """Grad-CAM for the `top_k` most probable classes of one image.
 
+    image: uint8 RGB (3, H, W), as `decode_image` gives it.
     Returns the image as the model saw it (resized and centre-cropped, un-normalised) and, per class, a dict with
     `class`, `index`, `probability` and `heatmap` ((H, W) at the model's input resolution, aligned with that view).
     """
@@ -213,3 +216,51 @@ def plot_explanation(view: Image.Image, entries: list[dict], path, title: str = 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def explain_files(
+    bundle,
+    images: Sequence[str | Path],
+    out: str | Path,
+    top_k: int = 3,
+    layer: str | None = None,
+    alpha: float = 0.5,
+) -> list[dict]:
+    """Per image file, <name>_gradcam.png in `out` (the image as the model sees it, then the overlay of each of the
+    top-k classes, titled with class and probability), and explain.json listing them; returns explain.json's
+    records. `bundle`: a classifier from `resnetkit.bundle.load_bundle` (a PyTorch one: Grad-CAM needs gradients).
+    """
+    import json
+
+    from resnetkit.data.image import decode_image
+
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if bundle.task != "classification":
+        raise ValueError(f"{bundle.source} is a {bundle.task} model: Grad-CAM here explains classifiers")
+    paths = [Path(p) for p in images]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {path} does not exist")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, used = [], set()
+    for path in paths:
+        view, entries = explain_top_k(
+            bundle.module, decode_image(path), bundle.preprocess, bundle.classes, top_k, layer
+        )
+        name = f"{path.stem}_gradcam.png"
+        if name in used:  # two inputs with the same file name from different folders
+            name = f"{path.stem}_{len(used)}_gradcam.png"
+        used.add(name)
+        plot_explanation(view, entries, out / name, title=path.name, alpha=alpha)
+        records.append(
+            {
+                "image": str(path),
+                "output": str(out / name),
+                "layer": layer or "last stage",
+                "top_k": [{"class": e["class"], "probability": e["probability"]} for e in entries],
+            }
+        )
+    (out / "explain.json").write_text(json.dumps(records, indent=2) + "\n")
+    return records

@@ -1,10 +1,10 @@
-"""Evaluate a classifier over a whole split: every metric of `resnetkit.metrics`, plus the figures.
+"""Evaluate a classifier over a whole split: every metric of `resnetkit.evaluation.metrics`, plus the figures.
 
     resnetkit eval --checkpoint runs/demo/best.pt --split test --tta flip --out runs/demo/eval
     resnetkit eval --model resnet50 --weights resnet50.pth --data imagenet-folder/
 
     >>> import resnetkit
-    >>> result = resnetkit.evaluate("runs/demo/best.pt", out_dir="runs/demo/eval")
+    >>> result = resnetkit.evaluation.evaluate("runs/demo/best.pt", out_dir="runs/demo/eval")
     >>> result["top1"], result["ece"]
 
 Under DDP (torch.distributed initialised, e.g. by torchrun) each rank evaluates every world_size-th sample, with
@@ -18,13 +18,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from resnetkit.metrics import ClassificationMetrics
+from resnetkit.evaluation.metrics import ClassificationMetrics
+
+if TYPE_CHECKING:
+    from resnetkit.bundle import Bundle
 
 TTA_CHOICES = (None, "flip")
 WORST_SHOWN = 25  # misclassified images kept for the grid: 5 x 5
@@ -43,27 +46,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             return torch.device("cuda", index)
         return torch.device("cpu")
     return torch.device(device)
-
-
-def default_preprocess(model_name: str) -> dict[str, Any]:
-    """The evaluation preprocessing a bare model gets: the `cifar` preset for the CIFAR family (32 px), the
-    ImageNet one (resize 256, centre crop 224) for the rest."""
-    from resnetkit.data import preprocess_info
-    from resnetkit.registry import default_input_size, model_family
-
-    if model_family(model_name) == "cifar":
-        return preprocess_info("cifar")
-    return preprocess_info("imagenet", input_size=default_input_size(model_name))
-
-
-def load_bare_model(model_name: str, weights: str | Path, num_classes: int) -> nn.Module:
-    """A registered model with `weights` (state dict, training checkpoint or .safetensors) whose head must have
-    `num_classes` outputs; a head of another size is an error (its scores would be meaningless), not replaced."""
-    from resnetkit.models import create_model, load_weights
-
-    model = create_model(model_name, num_classes=num_classes)
-    load_weights(model, str(weights))
-    return model.eval()
 
 
 def _label_map(data_classes: list[str], model_classes: list[str], data: str) -> torch.Tensor:
@@ -99,7 +81,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, tta: str | None) -> t
 
 
 def evaluate(
-    checkpoint_or_model: str | Path | nn.Module,
+    source: str | Path | Bundle | nn.Module,
     data: str | Path | None = None,
     split: str = "test",
     tta: str | None = None,
@@ -115,24 +97,25 @@ def evaluate(
     model_name: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate over the whole split and return eval.json's contents; with `out_dir`, write eval.json,
+    """Evaluate a classifier over the whole split and return eval.json's contents; with `out_dir`, write eval.json,
     confusion_matrix.png/.csv, reliability.png and misclassified.png there.
 
-    checkpoint_or_model: a training checkpoint (classes, preprocessing and default dataset come from it) or a
-        model, for which `preprocess` is needed and `classes` default to the dataset's.
+    source: a checkpoint or exported file, or a Bundle (`resnetkit.bundle.load_bundle`): classes, preprocessing and
+        (for a checkpoint) the default dataset come from it; or a bare model, for which `preprocess` is needed and
+        `classes` default to the dataset's. A bundle whose classes are made-up indices takes the dataset's names.
     data: a dataset name or folder (see `resnetkit.data.build_dataset`); default: the checkpoint's training data.
     tta: None, or "flip" (average the softmax over the image and its horizontal mirror).
-    model_name: how eval.json names a model object (default: its class name).
+    model_name: how eval.json names a bare model (default: its class name).
     """
-    from resnetkit.checkpoint import model_from_checkpoint
+    from resnetkit.bundle import Bundle, load_bundle
     from resnetkit.data import build_dataset, collate_skipping, eval_transform_from
 
     if tta not in TTA_CHOICES:
         raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta!r}")
     started = time.time()
     info: dict[str, Any] = {}
-    if isinstance(checkpoint_or_model, nn.Module):
-        model = checkpoint_or_model
+    if isinstance(source, nn.Module):
+        model = source
         if preprocess is None:
             raise ValueError(
                 "evaluating a model object needs preprocess= (a checkpoint's 'preprocess' dict, or "
@@ -142,14 +125,21 @@ def evaluate(
             raise ValueError("evaluating a model object needs data= (a dataset name or folder)")
         info.update(checkpoint=None, model=model_name or type(model).__name__)
     else:
-        model, ckpt = model_from_checkpoint(checkpoint_or_model, use_ema=use_ema)
-        classes = classes or ckpt.get("classes")
-        preprocess = preprocess or ckpt.get("preprocess")
-        if preprocess is None:
-            raise ValueError(f"{checkpoint_or_model} has no 'preprocess' entry: pass preprocess=")
+        bundle = source if isinstance(source, Bundle) else load_bundle(source, use_ema=use_ema)
+        if bundle.task != "classification":
+            raise ValueError(f"{bundle.source} is a {bundle.task} model: evaluate it with evaluate_task")
+        model = bundle.model
+        classes = classes or (bundle.classes if bundle.named_classes else None)
+        preprocess = preprocess or bundle.preprocess
         if data is None:
-            data, root = _data_from_checkpoint(ckpt, str(checkpoint_or_model))
-        info.update(checkpoint=str(checkpoint_or_model), model=ckpt["model_name"], epoch=ckpt.get("epoch"))
+            if bundle.checkpoint is None:
+                raise ValueError(f"{bundle.source} does not record its dataset: pass data")
+            data, root = _data_from_checkpoint(bundle.checkpoint, bundle.source)
+        epoch = bundle.checkpoint.get("epoch") if bundle.checkpoint else None
+        if bundle.kind == "weights":
+            info.update(checkpoint=None, weights=bundle.source, model=bundle.name)
+        else:
+            info.update(checkpoint=bundle.source, model=bundle.name, epoch=epoch)
 
     is_shapes = str(data) == "shapes" or str(data).startswith("shapes:")
     image_size = preprocess["input_size"] if is_shapes else None  # shapes renders at the trained size
@@ -167,8 +157,11 @@ def evaluate(
         collate_fn=collate_skipping,
     )
     device = resolve_device(device)
-    was_training = model.training
-    model.to(device).eval()
+    if isinstance(model, nn.Module):
+        was_training = model.training
+        model.to(device).eval()
+    else:  # an onnxruntime session runs on the CPU
+        was_training, device = False, torch.device("cpu")
     metrics = ClassificationMetrics(len(classes), keep_worst=WORST_SHOWN)
     skipped: list[tuple[str, str]] = []
     with _progress(len(loader), f"eval {split}", progress and rank == 0) as bar:
@@ -178,7 +171,8 @@ def evaluate(
                 logits = predict_logits(model, images.to(device, non_blocking=True), tta)
                 metrics.update(logits, label_map[labels], images)
             bar.update(1)
-    model.train(was_training)
+    if isinstance(model, nn.Module):
+        model.train(was_training)
 
     result: dict[str, Any] = {
         **info,
@@ -257,7 +251,7 @@ def denormalise(images: torch.Tensor, preprocess: dict[str, Any]) -> torch.Tenso
 
 def write_outputs(result: dict[str, Any], worst: list, preprocess: dict[str, Any], out_dir: str | Path) -> Path:
     """eval.json, confusion_matrix.csv/.png, reliability.png and misclassified.png in `out_dir`."""
-    from resnetkit import report
+    from resnetkit.evaluation import figures as report
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -276,3 +270,71 @@ def write_outputs(result: dict[str, Any], worst: list, preprocess: dict[str, Any
     report.plot_misclassified(images, labels, out / "misclassified.png")
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return out
+
+
+def evaluate_task(
+    source: str | Path | Bundle,
+    data: str | None = None,
+    split: str = "val",
+    out_dir: str | Path | None = None,
+    *,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    device: str | torch.device | None = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a detection or segmentation checkpoint on a split of `data` (default: the data it was trained on),
+    with the same metrics as its validation during training (COCO mAP; mIoU, per-class IoU and Dice, pixel
+    accuracy), exact under torchrun. Returns eval.json's contents and writes it into `out_dir` when given."""
+    from resnetkit.bundle import Bundle, load_bundle
+    from resnetkit.config import config_from_dict
+    from resnetkit.tasks import get_task
+    from resnetkit.train.distributed import DistInfo
+
+    started = time.time()
+    bundle = source if isinstance(source, Bundle) else load_bundle(source)
+    if bundle.task == "classification" or bundle.checkpoint is None:
+        raise ValueError(f"{bundle.source}: evaluate_task takes a detection or segmentation training checkpoint")
+    cfg = config_from_dict(bundle.checkpoint["config"], f"{bundle.source}: config")
+    if data is not None:
+        cfg.data.name = str(data)
+    if batch_size is not None:
+        cfg.data.eval_batch_size = batch_size
+    if workers is not None:
+        cfg.data.workers = workers
+    rank, world_size = _rank_world()
+    dev = resolve_device(device)
+    task = get_task(bundle.task)
+    task.cfg, task.classes, task.preprocess = cfg, list(bundle.classes), dict(bundle.preprocess)
+    loader = task.eval_loader(cfg, split, DistInfo(rank, world_size, rank, dev))
+    model = bundle.module.to(dev)
+    with _progress(len(loader), f"eval {split}", progress and rank == 0) as bar:
+        if bundle.task == "detection":
+            from resnetkit.tasks.detection import evaluate_detections
+
+            metrics = evaluate_detections(model, loader, progress=lambda n: bar.update(1))
+        else:
+            from resnetkit.tasks.segmentation import evaluate_segmentation, nan_none
+
+            s = cfg.segmentation
+            metrics = evaluate_segmentation(
+                model, loader, len(task.classes), s.ignore_index, progress=lambda n: bar.update(1)
+            )
+            metrics["per_class_iou"] = dict(zip(task.classes, map(nan_none, metrics.pop("per_class_iou"))))
+            metrics["per_class_dice"] = dict(zip(task.classes, map(nan_none, metrics.pop("per_class_dice"))))
+    result = {
+        "checkpoint": bundle.source,
+        "task": bundle.task,
+        "model": bundle.name,
+        "data": cfg.data.name,
+        "split": split,
+        "classes": task.classes,
+        **metrics,
+        "world_size": world_size,
+        "seconds": round(time.time() - started, 3),
+    }
+    if out_dir is not None and rank == 0:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

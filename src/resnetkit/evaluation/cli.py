@@ -1,11 +1,13 @@
-"""`resnetkit eval`, `resnetkit report RUN_DIR` and `resnetkit explain IMAGE...`: thin shells over evaluate.py,
-report.py and explain.py."""
+"""`resnetkit eval` (every task), `resnetkit report RUN_DIR` and `resnetkit explain IMAGE...`: thin shells over
+evaluate.py, report.py and explain.py."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+from resnetkit.cli_shared import UserError, add_device, add_model_source, load_model_source, positive
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,10 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--weights FILE --data FOLDER (class names from the dataset). Writes eval.json, confusion_matrix.png/.csv, "
         "reliability.png and misclassified.png to --out.",
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a training checkpoint, e.g. runs/demo/best.pt")
-    source.add_argument("--model", help="a registered model name (with --weights and --data)")
-    p.add_argument("--weights", help="weights for --model: state dict, checkpoint or .safetensors file")
+    add_model_source(p)
     p.add_argument(
         "--preset",
         choices=["cifar", "imagenet", "cub448"],
@@ -28,12 +27,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", help="dataset name or folder (default: the checkpoint's training data)")
     p.add_argument("--root", help="where a named dataset lives")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test; folders fall back to val/)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split to evaluate (default: test for classifiers, folders falling back to val/; the training "
+        "validation split for detectors and segmenters)",
+    )
     p.add_argument("--tta", choices=["flip"], default=None, help="test-time augmentation: average with the mirror")
     p.add_argument("--out", help="output folder (default: eval/ beside the checkpoint, ./eval for --model)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive, default=None, help="images per batch (default 128; detection 4)")
     p.add_argument("--workers", type=int, default=2, help="data loading processes")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_device(p)
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     p.add_argument("--json", action="store_true", help="print eval.json instead of the summary tables")
     p.set_defaults(func=cmd_eval)
@@ -59,12 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "overlay for each of the top-k classes labelled with class and probability; and explain.json.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--checkpoint", required=True, help="a training checkpoint, e.g. runs/demo/best.pt")
-    p.add_argument("--top-k", type=int, default=3)
+    add_model_source(p)
+    p.add_argument("--top-k", type=positive, default=3)
     p.add_argument("--layer", help="module to explain, e.g. layer3 (default: the last stage)")
     p.add_argument("--out", default="explain", help="output folder (default: ./explain)")
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity")
-    p.add_argument("--device", default="auto")
+    add_device(p)
     p.set_defaults(func=cmd_explain)
 
 
@@ -121,35 +125,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace, info) -> int:
-    from resnetkit.cli import UserError
-    from resnetkit.evaluate import default_preprocess, evaluate, load_bare_model
+    from resnetkit.evaluation.evaluate import evaluate, evaluate_task
 
-    common = dict(
-        split=args.split,
-        tta=args.tta,
+    if args.model and not args.data:
+        raise UserError("--model needs --data (the dataset to evaluate on)")
+    bundle = load_model_source(args)
+    default_out = Path(args.checkpoint).parent / "eval" if args.checkpoint else Path("eval")
+    out = Path(args.out) if args.out else default_out
+    progress = not args.json and info.is_main
+    if bundle.task != "classification":
+        if args.tta:
+            raise UserError(f"--tta applies to classifiers; {args.checkpoint} is a {bundle.task} model")
+        split = args.split or bundle.checkpoint["config"]["data"]["val_split"]
+        result = evaluate_task(
+            bundle,
+            args.data,
+            split,
+            out,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=info.device,
+            progress=progress,
+        )
+        if info.is_main:
+            print(json.dumps(result, indent=2) if args.json else task_summary(result, out))
+        return 0
+    result = evaluate(
+        bundle,
+        args.data,
+        args.split or "test",
+        args.tta,
+        out,
         root=args.root,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 128,
         workers=args.workers,
         device=info.device,
-        progress=not args.json and info.is_main,
+        progress=progress,
     )
-    if args.checkpoint:
-        if args.weights or args.preset:
-            raise UserError("--weights and --preset go with --model, not --checkpoint")
-        out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
-        result = evaluate(args.checkpoint, args.data, out_dir=out, use_ema=args.ema, **common)
-    else:
-        if not args.weights or not args.data:
-            raise UserError("--model needs --weights FILE and --data FOLDER")
-        from resnetkit.data import build_dataset, preprocess_info
-
-        preprocess = preprocess_info(args.preset) if args.preset else default_preprocess(args.model)
-        classes = build_dataset(args.data, args.split, root=args.root).classes
-        model = load_bare_model(args.model, args.weights, len(classes))
-        out = Path(args.out) if args.out else Path("eval")
-        result = evaluate(
-            model, args.data, out_dir=out, classes=classes, preprocess=preprocess, model_name=args.model, **common
-        )
     if not info.is_main:
         return 0
     if args.json:
@@ -159,12 +171,35 @@ def _eval(args: argparse.Namespace, info) -> int:
     return 0
 
 
+def task_summary(result: dict, out: Path) -> str:
+    """The lines `resnetkit eval` prints for a detector or a segmenter."""
+    lines = [f"{result['data']} [{result['split']}], {result['num_images']} images"]
+    if result["task"] == "detection":
+        for key, name in (("map", "mAP@[.5:.95]"), ("map50", "mAP@.5"), ("map75", "mAP@.75")):
+            lines.append(f"  {name:<13} {result[key]:.4f}")
+    else:
+        lines.append(
+            f"mIoU {result['miou']:.4f}  pixel acc {result['pixel_acc']:.4f}  mean Dice {result['mean_dice']:.4f}"
+        )
+        width = max(len(c) for c in result["per_class_iou"])
+        lines.append(f"{'class':<{width}}  {'IoU':>6}  {'Dice':>6}")
+        for c, iou in result["per_class_iou"].items():
+            dice = result["per_class_dice"][c]
+            lines.append(f"{c:<{width}}  {_num(iou)}  {_num(dice)}")
+    lines.append(f"wrote {out / 'eval.json'}")
+    return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+    return f"{v:6.4f}" if v is not None else "     -"
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from resnetkit.report import write_report
+    from resnetkit.evaluation.report import write_report
 
     run = Path(args.run_dir)
     if args.reeval or args.data:
-        from resnetkit.evaluate import evaluate
+        from resnetkit.evaluation.evaluate import evaluate
 
         checkpoint = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
         evaluate(checkpoint, args.data, args.split, out_dir=run / "eval", device=args.device)
@@ -175,43 +210,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from resnetkit.checkpoint import model_from_checkpoint
-    from resnetkit.cli import UserError
-    from resnetkit.data import open_image
-    from resnetkit.evaluate import resolve_device
-    from resnetkit.explain import explain_top_k, plot_explanation
+    from resnetkit.evaluation.evaluate import resolve_device
+    from resnetkit.evaluation.explain import explain_files
 
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
-    paths = [Path(p) for p in args.images]
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {path} does not exist")
-    model, ckpt = model_from_checkpoint(args.checkpoint)
-    if not ckpt.get("classes") or not ckpt.get("preprocess"):
-        raise UserError(f"{args.checkpoint} lacks 'classes' or 'preprocess': it was not written by resnetkit train")
-    model.to(resolve_device(args.device))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    records, used = [], set()
-    for path in paths:
-        view, entries = explain_top_k(
-            model, open_image(path), ckpt["preprocess"], ckpt["classes"], args.top_k, args.layer
-        )
-        name = f"{path.stem}_gradcam.png"
-        if name in used:  # two inputs with the same file name from different folders
-            name = f"{path.stem}_{len(used)}_gradcam.png"
-        used.add(name)
-        plot_explanation(view, entries, out / name, title=path.name, alpha=args.alpha)
-        records.append(
-            {
-                "image": str(path),
-                "output": str(out / name),
-                "layer": args.layer or "last stage",
-                "top_k": [{"class": e["class"], "probability": e["probability"]} for e in entries],
-            }
-        )
-        shown = ", ".join(f"{e['class']} {e['probability']:.1%}" for e in entries)
-        print(f"{path}: {shown} -> {out / name}")
-    (out / "explain.json").write_text(json.dumps(records, indent=2) + "\n")
+    bundle = load_model_source(args, device=resolve_device(args.device))
+    for record in explain_files(bundle, args.images, args.out, args.top_k, args.layer, args.alpha):
+        shown = ", ".join(f"{e['class']} {e['probability']:.1%}" for e in record["top_k"])
+        print(f"{record['image']}: {shown} -> {record['output']}")
     return 0

@@ -1,0 +1,1 @@
+"""Evaluation: metrics over a whole split, the run report, Grad-CAM explanations."""
