@@ -252,3 +252,15 @@ def test_mixup_cutmix_soft_labels():
     torch.testing.assert_close(y.sum(1), torch.ones(8))
     x, y = mixup_cutmix(images, labels, 4)
     assert torch.equal(x, images) and torch.equal(y.argmax(1), labels) and y.max() == 1
+
+
+def test_the_consumer_keeps_its_threads(shapes_loader):
+    """Batch transforms run on one intra-op thread, but the training step that consumes a batch gets the caller's
+    threads back (a batch yielded inside the one-thread context once halved the demo's training speed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in shapes_loader():
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -223,6 +223,26 @@ def test_bare_model_with_weights_matches_checkpoint(tiny, tmp_path, capsys):
     assert (out / "misclassified.png").is_file()
 
 
+def test_eval_and_predict_of_the_same_bare_weights_agree(tiny, tmp_path, capsys):
+    """One rule for a bare model's preprocessing: `eval` and `predict` on the same weights and images give the same
+    predictions (resnet20, a CIFAR-family model: the cifar preset at 32 px for both)."""
+    weights = tmp_path / "w.pth"
+    torch.save(torch.load(tiny["checkpoint"], weights_only=True)["model"], weights)
+    bare = ["--model", "resnet20", "--weights", str(weights)]
+    assert main(["eval", *bare, "--data", str(tiny["data"]), "--out", str(tmp_path / "e"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["preprocess"]["preset"] == "cifar"
+    test_dir = tiny["data"] / "test"
+    assert main(["predict", *bare, str(test_dir), "--format", "json", "--top-k", "1"]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    confusion = np.zeros((len(CLASSES), len(CLASSES)), dtype=int)
+    for record in predicted:
+        truth = CLASSES.index(Path(record["file"]).parent.name)
+        confusion[truth, record["top_k"][0]["index"]] += 1
+    assert len(predicted) == evaluated["num_samples"] == 23
+    assert confusion.tolist() == evaluated["confusion_matrix"]
+
+
 def test_subset_of_classes_is_matched_by_name(tiny, tmp_path):
     data = make_folder(tmp_path / "subset", {"test": {"cherry": 3, "banana": 2}}, seed=1)
     result = evaluate(tiny["checkpoint"], data, workers=0)

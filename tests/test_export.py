@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from resnetkit.bundle import read_metadata
 from resnetkit.checkpoint import save_checkpoint
 from resnetkit.cli import main
-from resnetkit.deploy.export import ExportError, export_model, read_metadata
+from resnetkit.deploy.export import ExportError, export_model
 from resnetkit.models import create_model
 
 CLASSES = ["cat", "dog", "ship"]

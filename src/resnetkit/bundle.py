@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from resnetkit.checkpoint import CheckpointError, load_checkpoint
 
-EXPORT_SUFFIXES = (".onnx", ".safetensors", ".ts", ".torchscript")
+TORCHSCRIPT_EXTRA = "resnetkit.json"  # the extra file of a TorchScript export that holds its metadata
 
 
 @dataclass
@@ -255,18 +255,55 @@ def _from_onnx(path: Path, threads: int | None) -> Bundle:
     return _metadata_bundle(engine, engine.metadata, path)
 
 
-def _from_safetensors(path: Path) -> Bundle:
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The resnetkit metadata embedded in an exported file (ONNX, safetensors or TorchScript)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model not found: {path}")
+    if path.suffix == ".onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return json.loads(props["resnetkit"]) if "resnetkit" in props else {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("resnetkit", "{}"))
+    return load_torchscript(path)[1]
+
+
+def load_safetensors_model(path: str | Path, fallback: nn.Module | None = None) -> nn.Module:
+    """The model a safetensors export holds, in eval mode: rebuilt from its metadata's model name, or the weights
+    loaded (strictly) into `fallback` when the file names no registered model."""
     from safetensors.torch import load_file
 
-    from resnetkit.deploy.export import read_metadata
     from resnetkit.models import create_model
 
     meta = read_metadata(path)
-    if not meta.get("model_name"):
+    if meta.get("model_name"):
+        net = create_model(meta["model_name"], **(meta.get("model_kwargs") or {}))
+    elif fallback is not None:
+        net = fallback
+    else:
         raise ValueError(f"{path} names no model (metadata model_name): write it with `resnetkit export`")
-    net = create_model(meta["model_name"], **(meta.get("model_kwargs") or {}))
     net.load_state_dict(load_file(str(path)), strict=True)
-    return _metadata_bundle(net.eval(), meta, path)
+    return net.eval()
+
+
+def load_torchscript(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A TorchScript export and its metadata."""
+    import warnings
+
+    extra = {TORCHSCRIPT_EXTRA: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        net = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return net.eval(), json.loads(extra[TORCHSCRIPT_EXTRA] or "{}")
+
+
+def _from_safetensors(path: Path) -> Bundle:
+    return _metadata_bundle(load_safetensors_model(path), read_metadata(path), path)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -278,16 +315,7 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _from_torchscript(path: Path) -> Bundle:
-    import warnings
-
-    from resnetkit.deploy.export import TORCHSCRIPT_EXTRA
-
-    extra = {TORCHSCRIPT_EXTRA: ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-        net = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    meta = json.loads(extra[TORCHSCRIPT_EXTRA] or "{}")
-    return _metadata_bundle(net.eval(), meta, path)
+    return _metadata_bundle(*load_torchscript(path), path)
 
 
-__all__ = ["Bundle", "default_preprocess", "load_bundle"]
+__all__ = ["Bundle", "default_preprocess", "load_bundle", "load_safetensors_model", "load_torchscript", "read_metadata"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from resnetkit.checkpoint import CheckpointError, torch_load
 from resnetkit.data.datasets import CIFAR, Shapes, log, report_skipped
 from resnetkit.data.image import BadImageError, image_size
 
@@ -85,7 +86,7 @@ def load_tensors(dataset, cache_dir: str | os.PathLike | None = None, strict: bo
     path = Path(cache_dir or default_cache_dir()) / "tensors" / f"{type(dataset).__name__.lower()}-{key}.pt"
     if path.exists():
         try:
-            blob = torch.load(path, weights_only=True)
+            blob = torch_load(path, "tensor cache")
             data = TensorData(
                 blob["images"],
                 blob["labels"],
@@ -98,7 +99,7 @@ def load_tensors(dataset, cache_dir: str | os.PathLike | None = None, strict: bo
                 raise BadImageError(*data.skipped[0])
             report_skipped(data.skipped, len(data.labels) + len(data.skipped))
             return data
-        except (RuntimeError, KeyError, EOFError, OSError) as e:  # a damaged cache file: rebuild it
+        except (CheckpointError, KeyError, OSError) as e:  # a damaged cache file: rebuild it
             log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, e)
     if isinstance(dataset, Shapes):
         images, labels = dataset.uint8_tensors()

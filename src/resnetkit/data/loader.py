@@ -241,7 +241,8 @@ class TensorLoader(Loader):
                 _seeded(_mix(self.seed, self.epoch, b, self.rank, 1)) if policies else contextlib.nullcontext(),
                 _one_thread() if self.device.type == "cpu" else contextlib.nullcontext(),
             ):
-                yield self.transform_batch(idx, generator)
+                batch = self.transform_batch(idx, generator)
+            yield batch  # outside the one-thread context: the consumer's step gets every thread
 
 
 @contextlib.contextmanager

@@ -4,8 +4,9 @@
 
 Every format gets a dynamic batch size and carries its metadata (model name, input size, mean, std, class names)
 inside the file (ONNX metadata_props, a TorchScript extra file, the safetensors header) and beside it as
-`PATH.json`. An export is declared done only after the exported file, read back, reproduces the eager model's
-logits on a batch of another size than the one traced, within `tolerance` (1e-4 by default).
+`PATH.json`; `resnetkit.bundle.load_bundle` reads any of them back (and `read_metadata` the metadata alone). An
+export is declared done only after the exported file, read back, reproduces the eager model's logits on a batch of
+another size than the one traced, within `tolerance` (1e-4 by default).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from resnetkit.bundle import TORCHSCRIPT_EXTRA, load_safetensors_model, load_torchscript
+
 FORMATS = ("onnx", "torchscript", "safetensors")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-TORCHSCRIPT_EXTRA = "resnetkit.json"
 # Traced at one batch size, checked at another: proves the batch dimension really is dynamic.
 TRACE_BATCH, CHECK_BATCH = 2, 3
 
@@ -134,26 +136,6 @@ def export_model(
     return ExportReport(path, format, metadata_path, diff, tolerance, CHECK_BATCH, size, metadata)
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The resnetkit metadata embedded in an exported file (any of the three formats)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"exported model not found: {path}")
-    if path.suffix == ".onnx":
-        import onnx
-
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        return json.loads(props["resnetkit"])
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads(f.metadata()["resnetkit"])
-    extra = {TORCHSCRIPT_EXTRA: ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra[TORCHSCRIPT_EXTRA])
-
-
 # --- ONNX ---------------------------------------------------------------------------------------------------------
 
 
@@ -204,9 +186,9 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta
 
 
 def _run_torchscript(path: Path, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        return torch.jit.load(str(path), map_location="cpu")(x)
+    scripted, _ = load_torchscript(path)
+    with torch.no_grad():
+        return scripted(x)
 
 
 # --- safetensors --------------------------------------------------------------------------------------------------
@@ -221,18 +203,11 @@ def _write_safetensors(model: nn.Module, example: torch.Tensor, path: Path, meta
 
 
 def _run_safetensors(path: Path, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """Rebuild the model from the file alone when it names a registered model, else load into a copy."""
-    from safetensors.torch import load_file
-
-    from resnetkit.models import create_model
-
-    meta = read_metadata(path)
-    rebuilt = (
-        create_model(meta["model_name"], **meta["model_kwargs"]) if meta.get("model_name") else copy.deepcopy(model)
-    )
-    rebuilt.load_state_dict(load_file(str(path)), strict=True)
+    """Rebuild the model from the file alone when it names a registered model (as `load_bundle` does), else load
+    the file into a copy of the model."""
+    rebuilt = load_safetensors_model(path, fallback=copy.deepcopy(model))
     with torch.no_grad():
-        return rebuilt.eval()(x)
+        return rebuilt(x)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------

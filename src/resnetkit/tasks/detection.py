@@ -509,41 +509,21 @@ class DetectionTask(Task):
     metric = "val_map"
 
     def build_loaders(self, cfg: Config, info):
-        from resnetkit.data import FileLoader, preprocess_info
-        from resnetkit.data.loader import collate_lists
+        from resnetkit.data import preprocess_info
 
         self.cfg = cfg
         d = cfg.data
-        size = d.image_size or 512
         train_set = load_detection_data(d.name, d.train_split, class_agnostic=d.class_agnostic)
         if d.subset is not None and d.subset < len(train_set):
             train_set.select(stratified_indices(train_set.targets, d.subset, cfg.seed))
         self.classes = list(train_set.classes)
-        self.preprocess = preprocess_info("detection", input_size=size)
-        common = dict(
-            device=info.device,
-            preprocess=self.preprocess,
-            seed=cfg.seed,
-            rank=info.rank,
-            world_size=info.world_size,
-            workers=d.workers,
-            collate=collate_lists,
-        )
-        train_loader = FileLoader(
-            train_set,
-            batch_size=d.batch_size // info.world_size,
-            train=True,
-            transform_for=functools.partial(_transform_for, image_size=size),
-            **common,
-        )
+        self.preprocess = preprocess_info("detection", input_size=d.image_size or 512)
+        train_loader = self._loader(train_set, cfg, info, d.batch_size // info.world_size, train=True)
         train_loader.set_augmentation(d.train_augment)
         return train_loader, self.eval_loader(cfg, d.val_split, info) if d.val_split else None
 
     def eval_loader(self, cfg: Config, split: str, info):
         """The loader of `split` that `evaluate` reads (the classes must be the training split's)."""
-        from resnetkit.data import FileLoader
-        from resnetkit.data.loader import collate_lists
-
         d = cfg.data
         dataset = load_detection_data(d.name, split, class_agnostic=d.class_agnostic)
         if dataset.classes != self.classes:
@@ -552,16 +532,22 @@ class DetectionTask(Task):
                 "(class_agnostic differs?)"
             )
         eval_batch = d.eval_batch_size or d.batch_size
+        return self._loader(dataset, cfg, info, max(eval_batch // info.world_size, 1), train=False)
+
+    def _loader(self, dataset, cfg: Config, info, batch_size: int, train: bool):
+        from resnetkit.data import FileLoader
+        from resnetkit.data.loader import collate_lists
+
         return FileLoader(
             dataset,
-            batch_size=max(eval_batch // info.world_size, 1),
-            train=False,
+            batch_size=batch_size,
+            train=train,
             device=info.device,
             preprocess=self.preprocess,
             seed=cfg.seed,
             rank=info.rank,
             world_size=info.world_size,
-            workers=d.workers,
+            workers=cfg.data.workers,
             transform_for=functools.partial(_transform_for, image_size=self.preprocess["input_size"]),
             collate=collate_lists,
         )
