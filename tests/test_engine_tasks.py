@@ -44,7 +44,7 @@ def recipe(task: str, root: Path, **sections) -> dict:
     if task == "classification":
         data = root / "cls-data"
         if not data.exists():
-            make_folder(data, {"train": 8, "val": 3}, size=16)  # 24 training images: 3 batches of 8
+            make_folder(data, {"train": 16, "val": 3}, size=16)  # 48 training images: 6 batches of 8
         cfg = tiny_config(data, root)
     elif task == "detection":
         data = root / "det-data"

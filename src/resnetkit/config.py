@@ -22,7 +22,7 @@ import yaml
 T = TypeVar("T")
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
-SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "onecycle", "plateau")
+SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "linear", "onecycle", "plateau")
 TASKS = ("classification", "detection", "segmentation")
 SEGMENTATION_HEADS = ("unet", "fcn")
 SEGMENTATION_LOSSES = ("ce", "dice", "ce+dice")
@@ -111,6 +111,41 @@ class DataConfig:
 
 
 @dataclass
+class MomentumWarmup:
+    """Momentum (SGD's and RMSprop's momentum, Adam's beta1) rising linearly from `start` to the optimiser's own over
+    the first `steps` optimizer steps: a small momentum first, then raised (the CUB-200 reproduction's advice)."""
+
+    start: float = 0.5
+    steps: int = 500
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < 1 or self.steps < 1:
+            raise ConfigError(f"optim.momentum_warmup: need 0 <= start < 1 and steps >= 1, got {self}")
+
+
+@dataclass
+class OptimSwitch:
+    """A second optimiser from epoch `epoch` on (after `epoch` completed epochs): e.g. start fast with Adam, switch
+    to SGD for the final tuning. Unset fields keep the first optimiser's settings; the schedule keeps its shape, scaled
+    to the new `lr`."""
+
+    epoch: int = 1
+    name: str | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    weight_decay: float | None = None
+    betas: list[float] | None = None
+    eps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epoch < 1:
+            raise ConfigError(f"optim.switch.epoch: must be >= 1, got {self.epoch}")
+        if self.name is not None:
+            _check_choice("optim.switch.name", self.name, OPTIMIZERS)
+
+
+@dataclass
 class OptimConfig:
     name: str = "sgd"
     """sgd, adam, adamw, rmsprop, adagrad or adadelta."""
@@ -124,6 +159,10 @@ class OptimConfig:
     """Apply weight decay to BN weights and biases too (off by default: decaying them only hurts)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    momentum_warmup: MomentumWarmup | None = None
+    """e.g. {start: 0.5, steps: 500}: momentum (or Adam's beta1) rises linearly to its value over those steps."""
+    switch: OptimSwitch | None = None
+    """e.g. {epoch: 10, name: sgd, lr: 0.01}: another optimiser from that epoch on."""
 
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, OPTIMIZERS)
@@ -136,7 +175,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "constant"
-    """constant, step, multistep, exponential, cosine, onecycle or plateau."""
+    """constant, step, multistep, exponential, cosine, linear (to min_lr), onecycle or plateau."""
     per: str = "epoch"
     """Unit of every length below and of the scheduler's ticks: "epoch" or "step" (one optimizer step)."""
     step_size: float = 30
@@ -146,7 +185,7 @@ class ScheduleConfig:
     gamma: float = 0.1
     """Factor for step, multistep, exponential (per unit) and plateau."""
     min_lr: float = 0.0
-    """cosine: the final learning rate."""
+    """cosine, linear: the final learning rate."""
     warmup: float = 0
     """Linear warmup length in units of `per`, from lr x warmup_start_factor to lr."""
     warmup_start_factor: float = 0.1
@@ -171,6 +210,10 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
+    budget: float | str | None = None
+    """A wall-time budget for the whole run, training and final evaluation: seconds, or "30s", "10m", "2h". After a
+    short measured warm-up the engine plans the number of steps to fit, lays the schedule over exactly those steps,
+    re-plans as it measures, and stops, evaluates and saves at the edge; `epochs` then only caps the run."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (He et al. count iterations); None runs all epochs."""
     label_smoothing: float = 0.0
@@ -223,6 +266,22 @@ class TrainConfig:
             raise ConfigError(f"train.metric: expected a val_... or train_... metric name, got {self.metric!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"train.threads: must be >= 1, got {self.threads}")
+        if self.budget is not None:
+            self.budget = parse_duration(self.budget, "train.budget")
+
+
+def parse_duration(value: float | int | str, key: str = "duration") -> float:
+    """Seconds from a number of seconds or a string such as "90", "30s", "10m", "1.5h"."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    text = str(value).strip().lower()
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise ConfigError(f"{key}: expected seconds or a duration like 30s, 10m, 2h; got {value!r}") from None
+    if not seconds > 0:
+        raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    return seconds
 
 
 @dataclass
@@ -332,6 +391,9 @@ def _coerce(value: Any, tp, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        for arg in args:  # an optional section: a mapping builds it
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _build(arg, value, key + ".")
         errors = []
         for arg in args:
             if arg is type(None):

@@ -122,7 +122,9 @@ class Loader:
             self.epoch, self.position = epoch, 0
 
     def _start(self) -> list[torch.Tensor]:
-        if self.position >= len(self):  # the previous epoch was finished and set_epoch not called: go on
+        if not self.train:  # an evaluation always covers the whole split, even after an abandoned pass
+            self.position = 0
+        elif self.position >= len(self):  # the previous epoch was finished and set_epoch not called: go on
             self.epoch, self.position = self.epoch + 1, 0
         return self.plan()
 

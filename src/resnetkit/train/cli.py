@@ -1,5 +1,5 @@
-"""`resnetkit train --config FILE [--set key=value ...] [--resume]`: every task (classification, detection,
-segmentation: the recipe's `task:`), also under torchrun:
+"""`resnetkit train --config FILE [--set key=value ...] [--resume] [--budget 10m]`: every task (classification,
+detection, segmentation: the recipe's `task:`), also under torchrun:
 
     torchrun --nproc_per_node 2 --max-restarts 1 -m resnetkit train --config configs/demo.yaml --set train.epochs=2
 """
@@ -20,6 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "restarts (--max-restarts) resumes from last.pt by itself.",
     )
     add_config_arguments(p)
+    p.add_argument(
+        "--budget",
+        metavar="DURATION",
+        help="a wall-time budget for the whole run (train.budget): seconds, or 30s, 10m, 2h; the engine plans the "
+        "steps that fit and lays the schedule over them",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
 
@@ -27,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from resnetkit.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"train.budget={args.budget}"] if args.budget else [])]
+    cfg = load_config(args.config, overrides)
     if args.print_config:
         import yaml
 

@@ -13,10 +13,12 @@ next one (0 at an epoch's end).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from resnetkit.checkpoint import load_checkpoint, save_checkpoint
-from resnetkit.config import Config, config_from_dict, load_config, save_config
+from resnetkit.config import Config, ScheduleConfig, config_from_dict, load_config, save_config
 from resnetkit.train import distributed
+from resnetkit.train.budget import Budget
 from resnetkit.train.loop import NonFiniteLoss, Parts, train_one_epoch
 from resnetkit.train.monitor import Progress, RunLogger, format_fields
 from resnetkit.train.optim import LRSchedule, ModelEMA, build_optimizer
+from resnetkit.train.optim import switched as switched_optim
 
 
 @dataclass
@@ -44,6 +48,33 @@ class RunResult:
     interrupted: bool = False
     model: nn.Module | None = None
     """The trained model itself (bare: no DDP or compile wrapper), on the training device."""
+
+
+class _FirstBatches:
+    """The first `n` batches of a loader, as a loader (with its classes): what timing an evaluation looks at."""
+
+    def __init__(self, loader, n: int) -> None:
+        self.batches, self.classes = [], getattr(loader, "classes", None)
+        for batch in loader:
+            self.batches.append(batch)
+            if len(self.batches) == n:
+                break
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def in_steps(cfg: ScheduleConfig, steps_per_epoch: int) -> ScheduleConfig:
+    """The schedule with its lengths counted in optimizer steps (a budget lays it over planned steps)."""
+    if cfg.per == "step":
+        return cfg
+    k = steps_per_epoch
+    return dataclasses.replace(
+        cfg, per="step", step_size=cfg.step_size * k, milestones=[m * k for m in cfg.milestones], warmup=cfg.warmup * k
+    )
 
 
 def as_config(config: Config | str | Path | dict) -> Config:
@@ -154,11 +185,22 @@ def _check_resumable(ckpt: dict[str, Any], cfg: Config, path: Path) -> None:
             raise ValueError(f"--resume: {path} was trained with {section}.{key}={was!r} but the config says {now!r}")
 
 
-def train(config: Config | str | Path | dict, *, resume: bool = False, quiet: bool = False) -> RunResult:
+def train(
+    config: Config | str | Path | dict,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    callbacks: Sequence[Any] = (),
+) -> RunResult:
     """Train as `config` says; with resume=True, continue from <run_dir>/last.pt exactly where it stopped.
 
     A worker group that torchrun restarted after a failure (`--max-restarts`) resumes from last.pt by itself.
+    callbacks: objects with `on_step(run, info)` (after every optimizer step; info: step, epoch, loss of the batch,
+    lr) and/or `on_epoch(run, epoch, row)` (after each epoch's row is logged and saved); returning True from either
+    stops the run there, as the end of a time budget would (the last epoch evaluated and saved). Exceptions they
+    raise (e.g. optuna.TrialPruned) end the run and reach the caller.
     """
+    started = time.perf_counter()  # a time budget counts the whole run, loaders and model included
     cfg = as_config(config)
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (cfg.run_dir / "last.pt").is_file():
         resume = True
@@ -166,8 +208,9 @@ def train(config: Config | str | Path | dict, *, resume: bool = False, quiet: bo
         torch.set_num_threads(cfg.train.threads)
     info = distributed.setup(cfg.train.device)
     owns_group = info.enabled
+    budget = Budget(cfg.train.budget, started=started) if cfg.train.budget else None
     try:
-        return _Run(cfg, info, resume, quiet).run()
+        return _Run(cfg, info, resume, quiet, budget, callbacks).run()
     finally:
         if owns_group:
             distributed.cleanup()
@@ -176,8 +219,18 @@ def train(config: Config | str | Path | dict, *, resume: bool = False, quiet: bo
 class _Run:
     """One training run's state; `run()` is the epoch loop."""
 
-    def __init__(self, cfg: Config, info: distributed.DistInfo, resume: bool, quiet: bool) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        info: distributed.DistInfo,
+        resume: bool,
+        quiet: bool,
+        budget: Budget | None = None,
+        callbacks: Sequence[Any] = (),
+    ) -> None:
         self.cfg, self.info, self.resume, self.quiet = cfg, info, resume, quiet
+        self.budget, self.callbacks = budget, list(callbacks)
+        self.stop_requested = False
         self.run_dir = cfg.run_dir
         self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
 
@@ -233,14 +286,28 @@ class _Run:
         model.to(info.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
         self.bare_model = model
         ema = ModelEMA(model, t.ema_decay) if t.ema else None
-        optimizer = build_optimizer(model, cfg.optim, cfg.model, task.head_parameters(model))
+        switch = cfg.optim.switch
+        self.switched = bool(ckpt is not None and ckpt.get("switched"))  # the optimiser the checkpoint's state is of
+        optimizer = self._optimizer(model, self.switched)
         steps_per_epoch = max(len(train_loader) // t.accum_steps + (len(train_loader) % t.accum_steps > 0), 1)
-        total_steps = (
-            steps_per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.epochs)
-        )
-        ticks = total_steps if cfg.schedule.per == "step" else t.epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.cap = steps_per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.epochs)
+        self.max_steps = t.max_steps
+        schedule_cfg = cfg.schedule
+        if self.budget is not None:  # the schedule is laid over the planned steps: its lengths are counted in steps
+            schedule_cfg = in_steps(cfg.schedule, steps_per_epoch)
+            self.max_steps = self.cap  # until the first plan
+        ticks = self.cap if schedule_cfg.per == "step" else t.epochs
         maximize = not self.metric.endswith("loss")
-        schedule = LRSchedule(optimizer, cfg.schedule, cfg.optim.lr, ticks, maximize=maximize)
+        schedule = LRSchedule(
+            optimizer,
+            schedule_cfg,
+            self._optim_cfg(self.switched).lr,
+            ticks,
+            maximize=maximize,
+            momentum_warmup=cfg.optim.momentum_warmup,
+            steps_per_tick=1 if schedule_cfg.per == "step" else steps_per_epoch,
+        )
         scaler = torch.amp.GradScaler(info.device.type, enabled=t.amp == "fp16")
         wrapped: nn.Module = model
         if info.enabled:
@@ -264,6 +331,11 @@ class _Run:
             self.best, self.best_epoch = ckpt.get("best"), ckpt.get("best_epoch")
             rngs = ckpt["rng"]
             set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+            if self.budget is not None and ckpt.get("budget"):
+                spent = ckpt["budget"]
+                self.budget.spent_before, self.budget.eval_seconds = spent["spent"], spent.get("eval_seconds")
+                if spent.get("total") is not None:
+                    self.budget.total = self.max_steps = spent["total"]
             self.say(f"resumed {self.last_path} at epoch {start_epoch + 1}, step {start_step}")
 
         logger = RunLogger(self.run_dir, enabled=info.is_main)
@@ -281,8 +353,10 @@ class _Run:
         try:
             with _StopFlag() as stop:
                 for epoch in range(start_epoch, t.epochs):
-                    if t.max_steps is not None and parts.global_step >= t.max_steps:
+                    if self.stop_requested or (self.max_steps is not None and parts.global_step >= self.max_steps):
                         break
+                    if switch is not None and epoch == switch.epoch and not self.switched:
+                        self._switch_optimizer()
                     train_loader.set_epoch(epoch)
                     if epoch == start_epoch and ckpt is not None and start_step > 0:
                         train_loader.load_state_dict(ckpt["loader"])
@@ -316,7 +390,7 @@ class _Run:
         )
 
     def _epoch(self, epoch: int, start_step: int, totals, stop: _StopFlag) -> tuple[dict[str, Any], bool]:
-        cfg, p, t = self.cfg, self.parts, self.cfg.train
+        p, t = self.parts, self.cfg.train
         loader = self.train_loader
         n_batches = len(loader)
         lr_trace: list[tuple[float, float]] = []
@@ -331,7 +405,7 @@ class _Run:
             every_s=t.log_every_s,
         ) as bar:
 
-            def after_step(done: int, running: dict[str, float], synced: bool) -> bool:
+            def after_step(done: int, running: dict[str, float], synced: bool, batch: dict[str, float]) -> bool:
                 n_images = running["count"] - state["images"]
                 state["images"], state["done"] = running["count"], done
                 lr = p.optimizer.param_groups[-1]["lr"]
@@ -351,7 +425,13 @@ class _Run:
                     return True
                 if t.checkpoint_every and p.global_step % t.checkpoint_every == 0 and done < n_batches:
                     self._save(epoch, done, running, {}, best=False)
-                return t.max_steps is not None and p.global_step >= t.max_steps
+                if self.budget is not None:
+                    self._follow_budget(epoch, done)
+                info = {"step": p.global_step, "epoch": epoch, "loss": batch["loss"] / max(batch["count"], 1), "lr": lr}
+                if any(cb.on_step(self, info) for cb in self.callbacks if hasattr(cb, "on_step")):
+                    self.stop_requested = True
+                    self.max_steps = p.global_step  # the epoch ends here: evaluated and saved
+                return self.max_steps is not None and p.global_step >= self.max_steps
 
             peek = self._log_image_grid if t.log_images and epoch == 0 and start_step == 0 else None
             running = train_one_epoch(
@@ -364,7 +444,7 @@ class _Run:
             self.say(f"interrupted at epoch {epoch + 1}, step {done}: saved {self.last_path}; continue with --resume")
             return {}, True
 
-        if cfg.schedule.per == "epoch":
+        if p.schedule.cfg.per == "epoch":
             p.schedule.tick()
         distributed.broadcast_buffers(self.bare_model)  # every rank evaluates and holds the same model
         if p.ema is not None:
@@ -377,9 +457,16 @@ class _Run:
             "epoch_time_s": elapsed,
             "step": p.global_step,
         }
-        last_epoch = epoch + 1 == t.epochs or (t.max_steps is not None and p.global_step >= t.max_steps)
-        if self.val_loader is not None and ((epoch + 1) % t.eval_every == 0 or last_epoch):
+        last_epoch = epoch + 1 == t.epochs or (self.max_steps is not None and p.global_step >= self.max_steps)
+        if self.budget is not None:
+            self.budget.pause()  # the epoch's end is not a step: timed apart
+            end_started = time.perf_counter()
+        evaluated = self.val_loader is not None and ((epoch + 1) % t.eval_every == 0 or last_epoch)
+        if evaluated:
+            eval_started = time.perf_counter()
             row.update(self._evaluate())
+            if self.budget is not None:
+                self.budget.eval_seconds = time.perf_counter() - eval_started
         p.schedule.epoch_end(row.get(self.metric))
         self.logger.log_epoch(epoch + 1, {**row, "lr_trace": lr_trace + [(epoch + 1.0, row["lr"])]})
         metric = row.get(self.metric)
@@ -390,7 +477,63 @@ class _Run:
             self.best, self.best_epoch = metric, epoch + 1
         self.say(f"epoch {epoch + 1}/{t.epochs} " + format_fields({k: v for k, v in row.items() if k != "step"}))
         self._save(epoch + 1, 0, None, row, best=improved)
+        if self.budget is not None:  # what an epoch's end costs besides its evaluation; re-plan with it measured
+            evaluation = self.budget.eval_seconds if evaluated else 0.0
+            self.budget.epoch_end_seconds = time.perf_counter() - end_started - evaluation
+            self.budget.planned_at = -(10**9)
+        if any(cb.on_epoch(self, epoch + 1, row) for cb in self.callbacks if hasattr(cb, "on_epoch")):
+            self.stop_requested = True
         return row, False
+
+    # ---- optimisers: the first one, and the one optim.switch puts in its place
+
+    def _optim_cfg(self, switched: bool):
+        return switched_optim(self.cfg.optim, self.cfg.optim.switch) if switched else self.cfg.optim
+
+    def _optimizer(self, model: nn.Module, switched: bool) -> torch.optim.Optimizer:
+        return build_optimizer(model, self._optim_cfg(switched), self.cfg.model, self.task.head_parameters(model))
+
+    def _switch_optimizer(self) -> None:
+        p = self.parts
+        p.optimizer = self._optimizer(self.bare_model, switched=True)
+        p.schedule.use(p.optimizer, self._optim_cfg(True).lr)
+        self.switched = True
+        new = self._optim_cfg(True)
+        self.say(f"optim.switch: {new.name} (lr {new.lr:g}) from epoch {self.cfg.optim.switch.epoch + 1} on")
+
+    # ---- a time budget: plan the steps, re-plan them, stop at the edge
+
+    def _follow_budget(self, epoch: int, done: int) -> None:
+        budget, p = self.budget, self.parts
+        budget.step_done()
+        step = p.global_step
+        if budget.due(step):
+            first = budget.total is None
+            if budget.eval_seconds is None:
+                budget.eval_seconds = self._time_evaluation()
+            t = self.cfg.train
+            evals = 1 / t.eval_every if self.val_loader is not None else 0.0
+            total = budget.plan(step, done // t.accum_steps, self.steps_per_epoch, evals, self.cap)
+            total = distributed.broadcast_object(total)  # rank 0's measurements decide for every rank
+            budget.total = self.max_steps = total
+            p.schedule.set_total(total)
+            if first:
+                self.say(budget.describe(self.steps_per_epoch, self.cfg.data.batch_size))
+        elif not self.info.enabled and budget.over():  # the hard edge (every rank re-plans in step under DDP)
+            budget.total = self.max_steps = step
+
+    def _time_evaluation(self) -> float:
+        """One evaluation's wall time, estimated from timing the task's evaluation of two validation batches."""
+        if self.val_loader is None:
+            return 0.0
+        sample = _FirstBatches(self.val_loader, 2)
+        started = time.perf_counter()
+        self.task.evaluate(self.parts.model, sample, self.cfg, self.info.device)
+        if self.parts.ema is not None:
+            self.task.evaluate(self.parts.ema.module, sample, self.cfg, self.info.device)
+        seconds = (time.perf_counter() - started) * len(self.val_loader) / max(len(sample), 1)
+        self.budget.pause()
+        return seconds
 
     def _evaluate(self) -> dict[str, float]:
         p, task, device = self.parts, self.task, self.info.device
@@ -447,6 +590,8 @@ class _Run:
             "metrics": metrics,
             "best": self.best,
             "best_epoch": self.best_epoch,
+            "budget": self.budget.state_dict() if self.budget is not None else None,
+            "switched": self.switched,
             "version": __version__,
             **self.task.checkpoint_extras(),
         }

@@ -69,7 +69,7 @@ def train_step(p: Parts, batch: Any, sync: bool) -> dict[str, torch.Tensor]:
         p.global_step += 1
         if p.ema is not None:
             p.ema.update(unwrap(p.model))
-        if p.cfg.schedule.per == "step":
+        if p.schedule.cfg.per == "step":  # the schedule's own unit (a budget counts it in steps)
             p.schedule.tick()
     return sums
 
@@ -81,13 +81,14 @@ def train_one_epoch(
     *,
     start_step: int = 0,
     totals: dict[str, float] | None = None,
-    after_step: Callable[[int, dict[str, float], bool], bool] | None = None,
+    after_step: Callable[[int, dict[str, float], bool, dict[str, float]], bool] | None = None,
     peek: Callable[[Any], None] | None = None,
 ) -> dict[str, float]:
     """Train over the rest of `loader`'s epoch, from batch `start_step`.
 
     totals: running sums carried over from a resumed checkpoint.
-    after_step(batches_done, totals, synced) is called after every batch; returning True stops the epoch early.
+    after_step(batches_done, totals, synced, batch_sums) is called after every batch; returning True stops the epoch
+    early.
     peek(inputs) sees the first batch's inputs as the model will (for a TensorBoard grid of augmented images).
     Raises NonFiniteLoss naming the step when the loss is NaN or infinite (on any rank).
     """
@@ -109,6 +110,6 @@ def train_one_epoch(
             )
         for key, value in batch_sums.items():
             totals[key] = totals.get(key, 0.0) + value
-        if after_step is not None and after_step(step + 1, totals, sync):
+        if after_step is not None and after_step(step + 1, totals, sync, batch_sums):
             break
     return totals

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from resnetkit.config import ModelConfig, OptimConfig, ScheduleConfig
+from resnetkit.config import ModelConfig, MomentumWarmup, OptimConfig, OptimSwitch, ScheduleConfig
 
 
 def param_groups(
@@ -70,6 +70,15 @@ def build_optimizer(
     raise ValueError(f"optim.name: unknown optimizer {name!r}")
 
 
+def switched(optim: OptimConfig, switch: OptimSwitch) -> OptimConfig:
+    """The optimiser config from the switch on: the first one's, with the switch's fields that are set."""
+    import dataclasses
+
+    changes = {f.name: getattr(switch, f.name) for f in dataclasses.fields(switch) if f.name != "epoch"}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return dataclasses.replace(optim, **changes, switch=None)
+
+
 def lr_factor(cfg: ScheduleConfig, t: float, total: float, min_lr_frac: float = 0.0) -> float:
     """The schedule's multiplier of the peak lr after `t` ticks of a `total`-tick run (ticks: epochs or steps).
 
@@ -90,40 +99,70 @@ def lr_factor(cfg: ScheduleConfig, t: float, total: float, min_lr_frac: float = 
         return cfg.gamma ** sum(t >= m for m in cfg.milestones)
     if cfg.name == "exponential":
         return cfg.gamma ** (t - cfg.warmup)
-    if cfg.name == "cosine":  # from the end of warmup to `total`, down to min_lr (as a fraction of the peak lr)
+    if cfg.name in ("cosine", "linear"):  # from the end of warmup to `total`, down to min_lr (a fraction of the peak)
         frac = min(max(t - cfg.warmup, 0) / max(total - cfg.warmup, 1e-12), 1.0)
-        return min_lr_frac + (1 - min_lr_frac) * (1 + math.cos(math.pi * frac)) / 2
+        shape = (1 + math.cos(math.pi * frac)) / 2 if cfg.name == "cosine" else 1 - frac
+        return min_lr_frac + (1 - min_lr_frac) * shape
     return 1.0  # constant, plateau (its reductions are applied on top)
 
 
 class LRSchedule:
-    """Sets every group's lr to peak lr x group lr_scale x schedule factor x plateau factor.
+    """Sets every group's lr to peak lr x group lr_scale x schedule factor x plateau factor, and, with a momentum
+    warm-up, its momentum (Adam's beta1) from the warm-up's start to the optimiser's own over its first steps.
 
     tick() once per unit of `per` (optimizer step or epoch); epoch_end(metric) feeds reduce-on-plateau.
+    `set_total` re-lays the schedule over another length (a time budget's re-plan); `use(optimizer, peak_lr)` moves it
+    to a new optimiser (optim.switch), keeping its shape.
     """
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, peak_lr: float, total: float, maximize: bool = True
+        self,
+        optimizer: torch.optim.Optimizer,
+        cfg: ScheduleConfig,
+        peak_lr: float,
+        total: float,
+        maximize: bool = True,
+        momentum_warmup: MomentumWarmup | None = None,
+        steps_per_tick: int = 1,
     ) -> None:
-        self.optimizer = optimizer
         self.cfg = cfg
         self.min_lr_frac = cfg.min_lr / peak_lr
-        self.peak_lr = peak_lr
         self.total = max(total, 1)
         self.maximize = maximize
+        self.momentum_warmup = momentum_warmup
+        self.steps_per_tick = steps_per_tick  # optimizer steps per tick: the momentum warm-up counts steps
         self.t = 0
         self.plateau_scale = 1.0
         self.best: float | None = None
         self.bad_epochs = 0
+        self.use(optimizer, peak_lr)
+
+    def use(self, optimizer: torch.optim.Optimizer, peak_lr: float) -> None:
+        self.optimizer, self.peak_lr = optimizer, peak_lr
+        self.min_lr_frac = self.cfg.min_lr / peak_lr
+        # The momentum each group warms up to: what the optimiser was built with.
+        self.target_momentum = [_momentum(group) for group in optimizer.param_groups]
+        self._apply()
+
+    def set_total(self, total: float) -> None:
+        self.total = max(total, 1)
         self._apply()
 
     def lr(self) -> float:
         return self.peak_lr * lr_factor(self.cfg, self.t, self.total, self.min_lr_frac) * self.plateau_scale
 
+    def momentum_factor(self) -> float:
+        """How far the momentum warm-up has come: 0 at its start value, 1 at the optimiser's own."""
+        w = self.momentum_warmup
+        return 1.0 if w is None else min(self.t * self.steps_per_tick / w.steps, 1.0)
+
     def _apply(self) -> None:
         lr = self.lr()
-        for group in self.optimizer.param_groups:
+        frac = self.momentum_factor()
+        for group, target in zip(self.optimizer.param_groups, self.target_momentum):
             group["lr"] = lr * group.get("lr_scale", 1.0)
+            if self.momentum_warmup is not None and target:  # no momentum to warm up to: plain SGD, Adagrad
+                _set_momentum(group, self.momentum_warmup.start + (target - self.momentum_warmup.start) * frac)
 
     def tick(self) -> None:
         self.t += 1
@@ -143,12 +182,32 @@ class LRSchedule:
                 self._apply()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"t": self.t, "plateau_scale": self.plateau_scale, "best": self.best, "bad_epochs": self.bad_epochs}
+        return {
+            "t": self.t,
+            "total": self.total,
+            "plateau_scale": self.plateau_scale,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.t, self.plateau_scale = state["t"], state["plateau_scale"]
+        self.total = state.get("total", self.total)
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
         self._apply()
+
+
+def _momentum(group: dict[str, Any]) -> float | None:
+    if "momentum" in group:
+        return group["momentum"]
+    return group["betas"][0] if "betas" in group else None
+
+
+def _set_momentum(group: dict[str, Any], value: float) -> None:
+    if "momentum" in group:
+        group["momentum"] = value
+    else:
+        group["betas"] = (value, group["betas"][1])
 
 
 class ModelEMA:
