@@ -9,9 +9,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from resnetkit.data import build_loader, build_transform, eval_transform_from, mixup_cutmix, preprocess_info
-from resnetkit.data.fast import crop_flip_batch, erase_batch, normalize_batch
+from resnetkit.data.fast import crop_flip_batch, erase_batch
 from resnetkit.data.loader import FileLoader, TensorLoader
 from resnetkit.data.transforms import compute_mean_std
+from resnetkit.data.transforms import normalize as normalize_batch
 
 
 @pytest.fixture

@@ -294,7 +294,7 @@ def test_short_training_overfits_shapes(tmp_path):
     bundle = load_bundle(result.last_checkpoint)
     assert bundle.task == "segmentation" and bundle.classes[0] == "background" and not bundle.model.training
     from resnetkit.data.datasets import stratified_indices
-    from resnetkit.data.fast import normalize_batch
+    from resnetkit.data.transforms import normalize as normalize_batch
     from resnetkit.tasks.segmentation import evaluate_segmentation
 
     shapes = segmentation_data("shapes:10", "train", image_size=32)

@@ -88,7 +88,8 @@ class DataConfig:
     """Train on a stratified, seeded subset of this many training images (None: all of them)."""
     class_agnostic: bool = False
     """Detection on CUB-200: one class "bird" instead of one class per species."""
-    workers: int = 2
+    workers: int | None = None
+    """Loader worker processes for image files; None: one per core, at most 8."""
     fast: bool | None = None
     """True: the cached uint8 tensor pipeline; False: a DataLoader; None: picked by image size."""
     cache_dir: str | None = None
@@ -100,9 +101,10 @@ class DataConfig:
     """False: shuffled training batches without random augmentation (reproducible comparisons, e.g. DDP runs)."""
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "workers"):
-            if getattr(self, key) < (1 if key == "batch_size" else 0):
-                raise ConfigError(f"data.{key}: must be positive, got {getattr(self, key)}")
+        if self.batch_size < 1 or (self.workers is not None and self.workers < 0):
+            raise ConfigError(
+                f"data.batch_size must be >= 1 and data.workers >= 0, got {self.batch_size}, {self.workers}"
+            )
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
             raise ConfigError("data.mixup_alpha and data.cutmix_alpha must be >= 0")
         for key in ("image_size", "subset"):

@@ -59,12 +59,19 @@ class _FileDataset(torch.utils.data.Dataset):
 
     def __init__(self, transform: Callable | None, strict: bool, max_pixels: int, image_size: int | None):
         self.transform, self.strict, self.max_pixels, self.image_size = transform, strict, max_pixels, image_size
-        # The loaders set this from the transform: large JPEGs may be decoded at reduced scale down to this side.
+        # The loaders set these from the transform: large JPEGs may be decoded at reduced scale down to this side, or
+        # for a random crop chosen before decoding (`resnetkit.data.transforms.RandomResizedCropPlan`).
         self.min_size: int | None = None
+        self.crop_plan = None
 
     @property
     def targets(self) -> list[int]:
         return [label for _, label in self.samples]
+
+    @property
+    def accepts_decode_hints(self) -> bool:
+        """min_size and crop_plan apply (not under a fixed resize or a box crop, which need every pixel)."""
+        return not self.image_size and self._box(0) is None if self.samples else False
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -74,7 +81,13 @@ class _FileDataset(torch.utils.data.Dataset):
 
     def load(self, index: int) -> torch.Tensor:
         """The image of sample `index` as uint8 RGB (3, H, W), before the transform; raises BadImageError."""
-        img = decode_image(self.samples[index][0], max_pixels=self.max_pixels, min_size=self._decode_min_size())
+        hints = self.accepts_decode_hints
+        img = decode_image(
+            self.samples[index][0],
+            max_pixels=self.max_pixels,
+            min_size=self.min_size if hints else None,
+            crop=self.crop_plan if hints else None,
+        )
         box = self._box(index)
         if box is not None:
             img = img[:, box[0] : box[0] + box[2], box[1] : box[1] + box[3]]
@@ -83,10 +96,6 @@ class _FileDataset(torch.utils.data.Dataset):
 
             img = F.resize(img, self.image_size, antialias=True)
         return img
-
-    def _decode_min_size(self) -> int | None:
-        # A box crop or a fixed resize works on full-resolution pixels: decode at full size then.
-        return None if self.image_size or self._box(0) is not None else self.min_size
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]

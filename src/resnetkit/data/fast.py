@@ -157,14 +157,6 @@ def crop_flip_batch(
     return padded.reshape(n, c, hp * wp).gather(2, index).view(n, c, height, width)
 
 
-def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float (x / 255 - mean) / std, as one multiply-add per pixel."""
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    # In place on the fresh float copy: 4x faster than one addcmul from uint8 on this CPU.
-    return images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
-
-
 def color_jitter_batch(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """Per-image random brightness, contrast and saturation factors in [1 - strength, 1 + strength] (float in
     [0, 255] in, the same out)."""

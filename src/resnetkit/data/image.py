@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -123,11 +123,15 @@ def decode_image(
     name: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_size: int | None = None,
+    crop: Callable[[int, int], tuple[tuple[int, int, int, int], int]] | None = None,
 ) -> torch.Tensor:
     """An image file (a path, or its encoded bytes) as uint8 RGB (3, H, W), upright; raises BadImageError.
 
     name: how messages name a bytes source (default "upload"). min_size: the caller will resize the result so that
     its shorter side is at least this: large JPEGs may then be decoded at a reduced scale (never below min_size).
+    crop(width, height) -> ((top, left, h, w), min_size): a region chosen from the upright image's size before
+    decoding (a random crop), and the shorter side the image may be decoded down to for it; the region is returned,
+    in decoded pixels (the same part of the picture at any scale).
     """
     name = name or (str(source) if not isinstance(source, (bytes, bytearray, memoryview)) else "upload")
     data = _read(source, name)
@@ -136,15 +140,22 @@ def decode_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies, below
             with Image.open(io.BytesIO(data)) as img:
                 _check_pixels(img, name, max_pixels)
+                orientation = _orientation(img)
+                box = None
+                if crop is not None:
+                    upright = img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
+                    box, min_size = crop(*upright)
                 draft = _draft_scale(img, min_size)
                 if img.format == "JPEG" and img.mode in ("RGB", "L") and draft is None:
-                    return _decode_jpeg(data, name)
-                if draft is not None:
-                    img.draft(img.mode if img.mode in ("RGB", "L") else None, draft)
-                img.load()
-                if _orientation(img) != 1:
-                    img = ImageOps.exif_transpose(img)
-                return torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+                    pixels = _decode_jpeg(data, name)
+                else:
+                    if draft is not None:
+                        img.draft(img.mode if img.mode in ("RGB", "L") else None, draft)
+                    img.load()
+                    if orientation != 1:
+                        img = ImageOps.exif_transpose(img)
+                    pixels = torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+                return pixels if box is None else _cut(pixels, box, upright)
     except BadImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -153,6 +164,16 @@ def decode_image(
         raise BadImageError(name, "not an image file (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as e:
         raise BadImageError(name, f"corrupt or truncated ({e})") from None
+
+
+def _cut(pixels: torch.Tensor, box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
+    """The region `box` (top, left, h, w) of an image `size` (width, height) wide, in the pixels of its decoded
+    (possibly reduced) version."""
+    top, left, h, w = box
+    sy, sx = pixels.shape[1] / size[1], pixels.shape[2] / size[0]
+    y0, x0 = round(top * sy), round(left * sx)
+    y1, x1 = max(round((top + h) * sy), y0 + 1), max(round((left + w) * sx), x0 + 1)
+    return pixels[:, y0:y1, x0:x1]
 
 
 def _decode_jpeg(data: bytes, name: str) -> torch.Tensor:

@@ -46,9 +46,12 @@ from resnetkit.data.transforms import (
     IMAGENET_STD,
     SHAPES_MEAN,
     SHAPES_STD,
+    RandomResizedCropPlan,
     build_transform,
     check_extras,
     check_preprocess,
+    decode_min_size,
+    normalize,
     preprocess_info,
 )
 
@@ -203,7 +206,7 @@ class TensorLoader(Loader):
         generator."""
         p = self.preprocess
         if generator is None:
-            images = fast.normalize_batch(self._fit_size(self.images.index_select(0, idx)), p["mean"], p["std"])
+            images = normalize(self._fit_size(self.images.index_select(0, idx)), p["mean"], p["std"])
             return images, self._targets(self.labels.index_select(0, idx))
         # index_select copies whole rows: 60x faster than advanced indexing (x[idx]) for uint8 here.
         n, dev, size = len(idx), idx.device, p["input_size"]
@@ -220,7 +223,7 @@ class TensorLoader(Loader):
                 x = fast.policy_batch(x, name)
         if "colorjitter" in self.augment:
             x = fast.color_jitter_batch(x.float(), 0.4, generator)
-        x = fast.normalize_batch(x, p["mean"], p["std"])
+        x = normalize(x, p["mean"], p["std"])
         if "erasing" in self.augment:
             x = fast.erase_batch(x, 0.25, generator)
         return x, targets
@@ -262,9 +265,17 @@ def _one_thread():
 
 @contextlib.contextmanager
 def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """The CPU generators (torch's and Python's) seeded with `seed` inside, restored after. Through the generator
+    itself: torch.manual_seed also seeds every CUDA device, 0.5 ms a call, as long as decoding a small image."""
+    generator = torch.default_generator
+    torch_state, python_state = generator.get_state(), random.getstate()
+    generator.manual_seed(seed)
+    random.seed(seed)
+    try:
         yield
+    finally:
+        generator.set_state(torch_state)
+        random.setstate(python_state)
 
 
 def collate_skipping(batch: list, stack: bool = True) -> tuple[Any, Any, list[tuple[str, str]]]:
@@ -334,22 +345,24 @@ class SeededSamples(torch.utils.data.Dataset):
         index, seed = item
         if seed is None:
             return self.dataset[index]
-        state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                return self.dataset[index]
-        finally:
-            random.setstate(state)
+        with _seeded(seed):
+            return self.dataset[index]
+
+
+def default_workers() -> int:
+    """Loader worker processes when a config does not say: one per core, at most 8."""
+    return max(1, min(os.cpu_count() or 1, 8))
 
 
 class FileLoader(Loader):
     """A DataLoader over image files: worker processes decode and transform, pinned memory feeds the device.
 
-    transform_for(augmenting) -> the dataset's transform (the preset's per-sample transform by default; tasks give
-    their own, e.g. one that moves boxes with the pixels). collate: `collate_skipping` (stacked batches) or
-    `collate_lists` (lists, for images of different sizes).
+    transform_for(augmenting) -> the dataset's transform (tasks give their own, e.g. one that moves boxes with the
+    pixels). Without one, the preset's: workers then hand back uint8 images (a quarter of the float bytes to pass
+    between processes), which this process normalises a batch at a time on the device (random erasing too); large
+    JPEGs are decoded at the reduced scale the transform allows (`decode_min_size`, `RandomResizedCropPlan`).
+    collate: `collate_skipping` (stacked batches) or `collate_lists` (lists, for images of different sizes).
+    workers: None picks `default_workers()`. Call `close()` (or let the engine do it) to stop the workers.
     """
 
     def __init__(
@@ -363,7 +376,7 @@ class FileLoader(Loader):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        workers: int = 2,
+        workers: int | None = None,
         augment: Sequence[str] = (),
         transform_for: Callable[[bool], Callable] | None = None,
         collate: Callable = collate_skipping,
@@ -372,16 +385,18 @@ class FileLoader(Loader):
             len(dataset), batch_size, train, seed, rank, world_size, list(dataset.classes), preprocess, device
         )
         self._augment = augment
+        self._batch_normalize = transform_for is None
         self._transform_for = transform_for or self._preset_transform
-        dataset.transform = self._transform_for(train)
+        self.dataset = dataset
+        self._configure(train)
         # Workers hand bad files back as SkippedSample and this process decides: a clean BadImageError under strict
         # (an exception raised inside a worker would arrive re-wrapped, with its traceback in the message).
         self.strict = getattr(dataset, "strict", False)
         if hasattr(dataset, "strict"):
             dataset.strict = False
-        self.dataset = dataset
         self.skipped: list[tuple[str, str]] = []
         self._reported: set[str] = set()
+        workers = default_workers() if workers is None else workers
         self.loader = torch.utils.data.DataLoader(
             SeededSamples(dataset),
             batch_sampler=_PlanSampler(self),
@@ -393,14 +408,48 @@ class FileLoader(Loader):
             generator=torch.Generator().manual_seed(_mix(seed, rank)),
         )
 
+    def _planned(self, augmenting: bool) -> bool:
+        """The imagenet training crop chosen before decoding (the dataset cuts it, the transform resizes it)."""
+        return (
+            self._batch_normalize
+            and augmenting
+            and self.preprocess["preset"] == "imagenet"
+            and getattr(self.dataset, "accepts_decode_hints", False)
+        )
+
     def _preset_transform(self, augmenting: bool):
         p = self.preprocess
-        return build_transform(p["preset"], augmenting, p["mean"], p["std"], self._augment, p["input_size"])
+        return build_transform(
+            p["preset"],
+            augmenting,
+            p["mean"],
+            p["std"],
+            self._augment,
+            p["input_size"],
+            planned_crop=self._planned(augmenting),
+            normalized=False,
+        )
+
+    def _configure(self, augmenting: bool) -> None:
+        self.dataset.transform = self._transform_for(augmenting)
+        if self._batch_normalize and hasattr(self.dataset, "crop_plan"):
+            planned = self._planned(augmenting)
+            self.dataset.min_size = decode_min_size(self.preprocess, augmenting)
+            self.dataset.crop_plan = RandomResizedCropPlan(self.preprocess["input_size"]) if planned else None
 
     def set_augmentation(self, enabled: bool) -> None:
         """As Loader.set_augmentation; call it before iterating (persistent workers hold a copy of the dataset)."""
         super().set_augmentation(enabled)
-        self.dataset.transform = self._transform_for(self.augmenting)
+        self._configure(self.augmenting)
+
+    def _finish(self, images: torch.Tensor) -> torch.Tensor:
+        """A preset batch: uint8 from the workers -> normalised (and randomly erased) on the device."""
+        p = self.preprocess
+        images = normalize(images.to(self.device, non_blocking=True), p["mean"], p["std"])
+        if "erasing" in self._augment and self.train and self.augmenting:
+            seed = _mix(self.seed, self.epoch, self.position, self.rank, 3)
+            images = fast.erase_batch(images, 0.25, torch.Generator(self.device).manual_seed(seed))
+        return images
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         self._start()
@@ -415,10 +464,19 @@ class FileLoader(Loader):
                         self._reported.add(path)
                         new.append((path, reason))
                 if len(targets):
-                    yield to_device(images, self.device), to_device(targets, self.device)
+                    images = self._finish(images) if self._batch_normalize else to_device(images, self.device)
+                    yield images, to_device(targets, self.device)
         finally:  # also when the consumer stops early: every bad file is reported once
             self.skipped += new
             report_skipped(new, self.num_samples)
+
+    def close(self) -> None:
+        """Stop the worker processes now (an abandoned pass keeps them waiting until garbage collection, which may
+        run in a forked child, where their shutdown fails: "can only test a child process")."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
 
 
 def _dataset_stats(dataset, data: fast.TensorData | None, cache_dir, strict: bool):
@@ -446,7 +504,7 @@ def build_loader(
     train: bool,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    workers: int = 2,
+    workers: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     fast: bool | None = None,

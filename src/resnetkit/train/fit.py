@@ -372,6 +372,10 @@ class _Run:
             )
             logger.close()
             raise
+        finally:  # worker processes stop with the run, however it ends
+            for loader in (train_loader, val_loader):
+                if hasattr(loader, "close"):
+                    loader.close()
         logger.log_hparams(cfg.to_dict(), {k: v for k, v in row.items() if k.startswith("val_")})
         logger.close()
         metrics = {**row, f"best_{self.metric}": self.best, "best_epoch": self.best_epoch}
