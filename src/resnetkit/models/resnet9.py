@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from resnetkit.models.layers import DropPath, drop_path_rates
 from resnetkit.registry import register_model
 
 
@@ -21,24 +22,32 @@ class ConvBN(nn.Sequential):
 
 
 class Residual(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, drop_path: float = 0.0) -> None:
         super().__init__()
         self.res1 = ConvBN(channels, channels)
         self.res2 = ConvBN(channels, channels)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.res2(self.res1(x))
+        out = self.res2(self.res1(x))
+        return x + (out if self.drop_path is None else self.drop_path(out))
 
 
 class ResNet9(nn.Module):
-    user_options = ("num_classes", "in_chans", "scale")
+    """drop_path_rate: stochastic depth on the two residual blocks, by the zoo's linear rule (the first gets 0, the
+    second the rate)."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, scale: float = 0.125) -> None:
+    user_options = ("num_classes", "in_chans", "scale", "drop_path_rate")
+
+    def __init__(
+        self, num_classes: int = 10, in_chans: int = 3, scale: float = 0.125, drop_path_rate: float = 0.0
+    ) -> None:
         super().__init__()
+        (rate1,), (rate2,) = drop_path_rates(drop_path_rate, [1, 1])
         self.prep = ConvBN(in_chans, 64)
-        self.layer1 = nn.Sequential(ConvBN(64, 128, pool=True), Residual(128))
+        self.layer1 = nn.Sequential(ConvBN(64, 128, pool=True), Residual(128, rate1))
         self.layer2 = ConvBN(128, 256, pool=True)
-        self.layer3 = nn.Sequential(ConvBN(256, 512, pool=True), Residual(512))
+        self.layer3 = nn.Sequential(ConvBN(256, 512, pool=True), Residual(512, rate2))
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.num_features = 512
         self.scale = scale
