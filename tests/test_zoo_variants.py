@@ -7,13 +7,16 @@ features/head/stages, Grad-CAM, Faster R-CNN + FPN, U-Net, ONNX export, the CPU 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
 
 from resnetkit import create_model
-from resnetkit.models.summary import count_params
+from resnetkit.models.summary import count_params, summarize, total_macs
 
+REPO = Path(__file__).resolve().parents[1]
 TIMM_NAMES = [
     "resnet18d",
     "resnet34d",
@@ -193,3 +196,95 @@ def test_features_head_stages_and_gradcam(name):
     assert model(x).shape == (2, 3)
     model.reset_classifier(0)
     assert model(x).shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_detector_and_unet_on_every_new_family(name):
+    from resnetkit.tasks.detection import create_detector
+    from resnetkit.tasks.segmentation import create_segmentation_model
+    from resnetkit.train.optim import apply_freeze
+
+    torch.manual_seed(0)
+    levels = len(create_model(name).feature_info)  # the stages plus the extra max-pooled level
+    small = dict(min_size=64, max_size=64, fpn_channels=16, representation_size=32, rpn_batch_size=16)
+    small.update(roi_batch_size=16, proposals_train=20, proposals_test=10, anchor_sizes=[8, 16, 32, 64, 128][:levels])
+    detector = create_detector(backbone=name, num_classes=2, trainable_layers=2, **small).train()
+    body = detector.backbone.body
+    last, before = body.feature_info[-1]["name"], body.feature_info[-2]["name"]
+    learning = {n for n, p in body.named_parameters() if p.requires_grad}
+    assert learning and all(n.startswith((last, before, "norm.")) for n in learning)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 56, 64)]
+    targets = [{"boxes": torch.tensor([[8.0, 8, 40, 48]]), "labels": torch.tensor([1])}] * 2
+    losses = detector(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(p.grad is not None for p in body.parameters() if p.requires_grad)  # no unused trainable parameter
+
+    unet = create_segmentation_model("unet", name, num_classes=3, decoder_channels=16).train()
+    out = unet(torch.randn(2, 3, 48, 48))
+    assert out.shape == (2, 3, 48, 48)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in unet.parameters())  # DDP would refuse an unused one
+    classifier = create_model(name)
+    apply_freeze(classifier, "stages:1")  # the stem and the first stage
+    frozen = {n.split(".")[0] for n, p in classifier.named_parameters() if not p.requires_grad}
+    assert frozen == ({"stem", "stages"} if "preact" in name or "v2" in name else {"conv1", "bn1", "layer1"})
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_onnx_export_and_cpu_engine_match_eager(tmp_path, name):
+    from resnetkit.deploy.engine import optimize_for_cpu
+    from resnetkit.deploy.export import export_model
+
+    torch.manual_seed(0)
+    size = _size(name)
+    model = _calibrated(create_model(name, num_classes=4), torch.randn(8, 3, size, size))
+    preprocess = {"input_size": size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    report = export_model(model, tmp_path / "model.onnx", "onnx", preprocess, model_name=name)
+    assert report.passed and report.max_abs_diff <= 1e-4, report.summary()
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        assert (optimize_for_cpu(model)(x) - model(x)).abs().max() <= 1e-4
+
+
+def test_summary_counts_the_new_layers():
+    def macs(name: str) -> dict[str, int]:
+        return {r.name: r.macs for r in summarize(create_model(name), 224)}
+
+    base, d, se, eca = macs("resnet50"), macs("resnet50d"), macs("seresnet50"), macs("ecaresnet50d")
+    assert d["conv1"] == 112 * 112 * (27 * 32 + 9 * 32 * 32 + 9 * 32 * 64)  # the deep stem's three 3x3 convs
+    assert all(d[f"layer{i}"] == base[f"layer{i}"] for i in range(1, 5))  # pooled 1x1 convs cost what strided ones did
+    # SE: two 1x1 convs on a 1x1 map per block (C -> C/16 -> C); ECA: a k-tap 1-D conv over the C channels.
+    blocks = [(256, 3), (512, 4), (1024, 6), (2048, 3)]
+    assert sum(se.values()) - sum(base.values()) == sum(n * 2 * c * (c // 16) for c, n in blocks)
+    assert sum(eca.values()) - sum(d.values()) == sum(n * c * (5 if c < 2048 else 7) for c, n in blocks)
+    v2 = summarize(create_model("resnetv2_50"), 224)
+    assert [r.name for r in v2][:5] == ["stem", "stages.0", "stages.1", "stages.2", "stages.3"]
+    assert sum(r.macs for r in v2) == total_macs(create_model("resnetv2_50")) == sum(base.values())
+
+
+def test_models_command_lists_the_new_families(capsys):
+    from resnetkit.cli import main
+
+    assert main(["models", "--family", "cifar"]) == 0
+    out = capsys.readouterr().out
+    for name, params in ALL_PARAMS.items():
+        assert name in out and f"{params:,}" in out
+    assert main(["summary", "resnetv2_50", "--input-size", "64"]) == 0
+    assert "stages.3" in capsys.readouterr().out
+
+
+def test_hub_bundle_and_weights_errors(tmp_path):
+    from resnetkit.bundle import load_bundle
+
+    model = torch.hub.load(str(REPO), "resnet50d", source="local", weights=None)
+    assert type(model).__name__ == "ResNet" and model.get_classifier().out_features == 1000
+    model = torch.hub.load(str(REPO), "preact_resnet164", source="local", num_classes=7)
+    assert type(model).__name__ == "PreActResNet" and model.get_classifier().out_channels == 7
+    torch.save(model.state_dict(), tmp_path / "preact.pt")  # the classifier is a 1x1 conv: 7 classes read from it
+    bundle = load_bundle(model="preact_resnet164", weights=str(tmp_path / "preact.pt"))
+    assert len(bundle.classes) == 7 and bundle.preprocess["input_size"] == 32
+    with pytest.raises(ValueError, match="torchvision publishes no weights for 'resnetv2_50'"):
+        create_model("resnetv2_50", weights="imagenet")
+    with pytest.raises(TypeError, match="unknown option 'drop_path'.*'drop_path_rate'"):
+        create_model("resnet50d", drop_path=0.1)
