@@ -375,8 +375,9 @@ class ResNet(nn.Module):
             elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
-        # Zero-initialise the last BN in each residual branch, so that each block starts as an identity:
-        # improves the model by 0.2~0.3% according to Goyal et al., https://arxiv.org/abs/1706.02677
+        # Zero-initialise the last BN in each residual branch (the last conv in a pre-activation one), so that each
+        # block starts as an identity: improves the model by 0.2~0.3% according to Goyal et al.,
+        # https://arxiv.org/abs/1706.02677
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, _BLOCKS):
