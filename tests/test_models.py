@@ -35,6 +35,16 @@ VARIANTS = {"resnet18d", "resnet34d", "resnet50d", "resnet101d", "resnet152d", "
 VARIANTS |= {"seresnext50_32x4d", "seresnext101_32x8d", "ecaresnet50d", "ecaresnet101d", "resnetv2_50", "resnetv2_101"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # As in the other test files: on 2 shared cores two intra-op threads spin against each other. The 16
+    # forward/backward cases of the later ResNets took 196 s with two threads under load, 17.5 s with one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_registry_names_are_exactly_the_zoo():
     expected = set(TORCHVISION_PARAMS) | set(PAPER_CIFAR_PARAMS_M) | {"resnet9"} | VARIANTS | set(PREACT_CIFAR)
     assert set(list_models()) == expected
