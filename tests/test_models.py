@@ -29,12 +29,27 @@ TORCHVISION_PARAMS = {
 # He et al. 2016, table 6 (10 classes), in millions, as printed in the paper.
 PAPER_CIFAR_PARAMS_M = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85, "resnet110": 1.7}
 SMALL = ["resnet18", "resnet50", "resnext50_32x4d", "resnet20", "resnet9", "densenet121"]
+# The later refinements, checked against timm and their papers in test_zoo_variants.py.
+PREACT_CIFAR = ["preact_resnet110", "preact_resnet164", "preact_resnet1001"]
+VARIANTS = {"resnet18d", "resnet34d", "resnet50d", "resnet101d", "resnet152d", "seresnet50", "seresnet101"}
+VARIANTS |= {"seresnext50_32x4d", "seresnext101_32x8d", "ecaresnet50d", "ecaresnet101d", "resnetv2_50", "resnetv2_101"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # As in the other test files: on 2 shared cores two intra-op threads spin against each other. The 16
+    # forward/backward cases of the later ResNets took 196 s with two threads under load, 17.5 s with one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_registry_names_are_exactly_the_zoo():
-    expected = set(TORCHVISION_PARAMS) | set(PAPER_CIFAR_PARAMS_M) | {"resnet9"}
+    expected = set(TORCHVISION_PARAMS) | set(PAPER_CIFAR_PARAMS_M) | {"resnet9"} | VARIANTS | set(PREACT_CIFAR)
     assert set(list_models()) == expected
-    assert list_models("cifar") == ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet9"]
+    cifar = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", *PREACT_CIFAR, "resnet9"]
+    assert list_models("cifar") == cifar
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -212,8 +212,9 @@ def default_preprocess(model_name: str) -> dict[str, Any]:
 
 
 def _head_size(state: dict[str, torch.Tensor]) -> int:
-    """Number of classes of a state dict: rows of its last 2-D weight (the classifier of every zoo model)."""
-    matrices = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    """Number of classes of a state dict: rows of its last 2-D weight (the classifier of every zoo model but one
+    layout), or of `head.fc.weight`, the 1x1-convolution classifier of the pre-activation ResNets (timm's ResNetV2)."""
+    matrices = [v for k, v in state.items() if (k.endswith("weight") and v.ndim == 2) or k == "head.fc.weight"]
     if not matrices:
         raise ValueError("the weights hold no classifier (no 2-D weight matrix)")
     return int(matrices[-1].shape[0])
@@ -224,6 +225,8 @@ def _outputs(net: nn.Module) -> int:
         head = net.get_classifier()
         if hasattr(head, "out_features"):
             return int(head.out_features)
+        if isinstance(head, nn.Conv2d):
+            return int(head.out_channels)
     return int(getattr(net, "num_classes", 0) or 0)
 
 

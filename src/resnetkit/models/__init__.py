@@ -1,4 +1,5 @@
-"""The model zoo: ResNets (resnet.py), ResNet-9 (resnet9.py), DenseNets (densenet.py), weights loading (weights.py).
+"""The model zoo: ResNets (resnet.py: the 2016 family, ResNet-D, SE/ECA, pre-activation), their extra layers
+(layers.py: SE, ECA, stochastic depth), ResNet-9 (resnet9.py), DenseNets (densenet.py), weights loading (weights.py).
 
 The registry (`resnetkit.registry`) imports the zoo modules, which register their builders, on its first use; the
 names below load lazily, so `import resnetkit.models` (and `resnetkit --help`) costs no torch.
@@ -14,6 +15,12 @@ __getattr__, __dir__, __all__ = attach(
         "BasicBlock": "resnetkit.models.resnet",
         "Bottleneck": "resnetkit.models.resnet",
         "ResNet": "resnetkit.models.resnet",
+        "PreActResNet": "resnetkit.models.resnet",
+        "PreActBasicBlock": "resnetkit.models.resnet",
+        "PreActBottleneck": "resnetkit.models.resnet",
+        "SqueezeExcite": "resnetkit.models.layers",
+        "EfficientChannelAttention": "resnetkit.models.layers",
+        "DropPath": "resnetkit.models.layers",
         "ResNet9": "resnetkit.models.resnet9",
         "DenseNet": "resnetkit.models.densenet",
         "WeightsError": "resnetkit.models.weights",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from resnetkit.models.layers import DropPath, drop_path_rates
 from resnetkit.registry import register_model
 
 
@@ -21,31 +22,44 @@ class ConvBN(nn.Sequential):
 
 
 class Residual(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, drop_path: float = 0.0) -> None:
         super().__init__()
         self.res1 = ConvBN(channels, channels)
         self.res2 = ConvBN(channels, channels)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.res2(self.res1(x))
+        out = self.res2(self.res1(x))
+        return x + (out if self.drop_path is None else self.drop_path(out))
 
 
 class ResNet9(nn.Module):
-    """width: a multiplier of every layer's channels (64, 128, 256, 512 at 1.0): 0.25 gives 16, 32, 64, 128, about
+    """drop_path_rate: stochastic depth on the two residual blocks, by the zoo's linear rule (the first gets 0, the
+    second the rate).
+
+    width: a multiplier of every layer's channels (64, 128, 256, 512 at 1.0): 0.25 gives 16, 32, 64, 128, about
     1/16 of the multiply-adds, a network shallower and wider per FLOP than the CIFAR ResNet-20 (8 convolutions of
     16-128 channels against 19 of 16-64), which a CPU runs at a better rate."""
 
-    user_options = ("num_classes", "in_chans", "scale", "width")
+    user_options = ("num_classes", "in_chans", "scale", "drop_path_rate", "width")
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, scale: float = 0.125, width: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        scale: float = 0.125,
+        drop_path_rate: float = 0.0,
+        width: float = 1.0,
+    ) -> None:
         super().__init__()
         if not width > 0:
             raise ValueError(f"width must be > 0, got {width}")
         c = [max(round(base * width), 1) for base in (64, 128, 256, 512)]
+        (rate1,), (rate2,) = drop_path_rates(drop_path_rate, [1, 1])
         self.prep = ConvBN(in_chans, c[0])
-        self.layer1 = nn.Sequential(ConvBN(c[0], c[1], pool=True), Residual(c[1]))
+        self.layer1 = nn.Sequential(ConvBN(c[0], c[1], pool=True), Residual(c[1], rate1))
         self.layer2 = ConvBN(c[1], c[2], pool=True)
-        self.layer3 = nn.Sequential(ConvBN(c[2], c[3], pool=True), Residual(c[3]))
+        self.layer3 = nn.Sequential(ConvBN(c[2], c[3], pool=True), Residual(c[3], rate2))
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.num_features = c[3]
         self.scale = scale

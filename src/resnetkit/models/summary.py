@@ -22,11 +22,12 @@ def count_params(model: nn.Module) -> int:
 
 
 def _rows_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's top-level pieces in forward order; a `features` Sequential (DenseNet) is opened up."""
+    """The model's top-level pieces in forward order; a `features` (DenseNet) or `stages` (pre-activation ResNets)
+    Sequential is opened up, one row per stage."""
     rows = []
     for name, child in model.named_children():
-        if name == "features" and isinstance(child, nn.Sequential):
-            rows.extend((f"features.{n}", c) for n, c in child.named_children())
+        if name in ("features", "stages") and isinstance(child, nn.Sequential):
+            rows.extend((f"{name}.{n}", c) for n, c in child.named_children())
         else:
             rows.append((name, child))
     return rows
@@ -35,7 +36,9 @@ def _rows_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
 @torch.no_grad()
 def summarize(model: nn.Module, input_size: int = 224, in_chans: int = 3) -> list[LayerRow]:
     """Per-stage output shape (batch 1), parameters and multiply-adds (convolutions and linear layers, as
-    torchvision's published GFLOPS figures count them: 4.09 G for ResNet-50 at 224 px)."""
+    torchvision's published GFLOPS figures count them: 4.09 G for ResNet-50 at 224 px). Squeeze-and-excitation's
+    1x1 and ECA's 1-D convolutions count; pooling (ResNet-D's average-pool shortcuts included), the attention gates'
+    products and the residual additions do not, as the max-pool and the additions never did."""
     model = model.eval()
     pieces = _rows_of(model)
     shapes: dict[str, tuple[int, ...]] = {}

@@ -109,9 +109,13 @@ class ResNetFPNBackbone(nn.Module):
         trainable = set(blocks[:trainable_layers])
         if hasattr(body, "reset_classifier"):
             body.reset_classifier(0)  # the classification head takes no part in detection
-        for name, param in body.named_parameters():
-            top = name.split(".")[0]
-            block = top if top.startswith("layer") else "stem"
+        # A parameter belongs to the last stage whose first parameter comes at or before it in registration order,
+        # or to the stem before the first stage (the rule of `model.freeze: stages:N`): stage names differ between
+        # layouts (`layer3`, `stages.2`), and a pre-activation ResNet's closing `norm` goes with its last stage.
+        first_of = {id(next(body.get_submodule(block).parameters())): block for block in blocks[:-1]}
+        block = "stem"
+        for param in body.parameters():
+            block = first_of.get(id(param), block)
             param.requires_grad_(block in trainable)
         self.body = body
         self.fpn = FeaturePyramidNetwork(
