@@ -7,8 +7,15 @@ Rows (images per second, training augmentation on, batches on the CPU):
   DataLoader with 2 workers, on ../shared/data/cifar10-jpg/train;
 - ours, cached: build_loader(preset="cifar") on the same folder, steady state over one epoch; building the uint8
   cache (decoding the 50,000 JPEGs once) is timed separately;
-- ours, cub448: build_loader(preset="cub448") with 2 workers on the CUB-200 subset, decoding JPEGs with torchvision's
-  libjpeg-turbo decoder and, for comparison, with Pillow.
+- large photos, torchvision (the peer) against ours with the same worker count (`default_workers()`, one per core),
+  each timed over its second epoch (the first starts the workers and warms the page cache):
+  - the 200 photos of ../shared/data/imagenet-sample (about 500 x 375) with the `imagenet` training preset
+    (RandomResizedCrop 224 + flip) and its evaluation (resize 256, centre crop 224);
+  - the CUB-200 subset's 300 training images (about 500 x 375) with `cub448` (resize 512, random crop 448, flip);
+  - 48 of the ImageNet photos enlarged to 4000 x 3000 (a phone's 12 MP photo, written as JPEG quality 90 once into
+    a temporary folder): the `imagenet` training and evaluation presets, where decoding at reduced scale applies.
+  The peer is torchvision.datasets.ImageFolder + per-sample transforms (PIL decode, the same geometry, ToTensor,
+  Normalize) + DataLoader; ours is build_loader (decode_image, uint8 to the main process, batch normalisation).
 The cache goes to a temporary folder (or --cache-dir), so the cache-build figure is a cold build.
 """
 
@@ -56,17 +63,99 @@ def seed_style(root: Path, batch_size: int, max_batches: int) -> tuple[float, in
     return images_per_second(loader, max_batches)
 
 
+def _epoch_rate(loader, epochs: int = 2) -> tuple[float, int]:
+    """Images per second over the last of `epochs` passes."""
+    for epoch in range(epochs):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        count, start = 0, time.perf_counter()
+        for images, _ in loader:
+            count += images.shape[0]
+    return count / (time.perf_counter() - start), count
+
+
+def _folder_of(files: list[Path], root: Path) -> Path:
+    """An ImageFolder view (one class folder of symlinks) of `files`: the same images for the peer and for us."""
+    folder = root / "train" / "all"
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (folder / f.name).symlink_to(f)
+    return root
+
+
+def large_photo_rows(data: Path, tmp: Path, large: int) -> list[tuple]:
+    import torchvision
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from resnetkit.data import build_loader
+    from resnetkit.data.datasets import CUB200
+    from resnetkit.data.loader import default_workers
+
+    workers = default_workers()
+    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    peer_transforms = {
+        "imagenet train": T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
+        "imagenet eval": T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm]),
+        "cub448 train": T.Compose([T.Resize(512), T.RandomCrop(448), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
+    }
+    photos = sorted((data / "imagenet-sample").glob("*.JPEG"))
+    cub_train = [Path(p) for p, _ in CUB200(data / "cub200-2011-subset", "train").samples]
+    big = tmp / "big"
+    big.mkdir()
+    for f in photos[:large]:  # a phone-sized photo: enlarged 4000 x 3000, JPEG quality 90
+        Image.open(f).convert("RGB").resize((4000, 3000), Image.BICUBIC).save(big / f"{f.stem}.jpg", quality=90)
+    sets = [
+        ("imagenet-sample (200)", _folder_of(photos, tmp / "inet"), ("imagenet train", "imagenet eval")),
+        ("CUB subset train (300)", _folder_of(cub_train, tmp / "cub"), ("cub448 train",)),
+        (
+            f"{large} photos at 4000x3000",
+            _folder_of(sorted(big.glob("*.jpg")), tmp / "large"),
+            ("imagenet train", "imagenet eval"),
+        ),
+    ]
+    rows = []
+    for title, root, cases in sets:
+        for case in cases:
+            preset, mode = case.split()
+            peer = torchvision.datasets.ImageFolder(str(root / "train"), transform=peer_transforms[case])
+            peer_loader = torch.utils.data.DataLoader(
+                peer, batch_size=32, shuffle=mode == "train", num_workers=workers, persistent_workers=True
+            )
+            peer_rate, _ = _epoch_rate(peer_loader)
+            del peer_loader
+            gc.collect()  # its workers stop here, not in a later loader's forked workers
+            ours = build_loader(
+                root, "train", preset=preset, batch_size=32, train=mode == "train", workers=workers, fast=False
+            )
+            ours_rate, n = _epoch_rate(ours)
+            ours.close()
+            rows.append((f"torchvision ImageFolder, {case}, {workers} workers", title, peer_rate, n, ""))
+            rows.append(
+                (
+                    f"ours: build_loader, {case}, {workers} workers",
+                    title,
+                    ours_rate,
+                    n,
+                    f"{ours_rate / peer_rate:.2f}x torchvision",
+                )
+            )
+            print(rows[-2], rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed-batches", type=int, default=60, help="batches timed for the seed-style pipeline")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: a fresh temporary folder")
+    parser.add_argument("--large", type=int, default=48, help="ImageNet photos enlarged to 4000x3000")
     args = parser.parse_args()
 
     from resnetkit.data import build_loader
 
-    cifar, cub = args.data / "cifar10-jpg", args.data / "cub200-2011-subset"
+    cifar = args.data / "cifar10-jpg"
     rows = []
     seed_rate, seed_n = seed_style(cifar / "train", args.batch_size, args.seed_batches)
     gc.collect()  # shut its workers down now, not inside a later DataLoader's forked workers
@@ -100,14 +189,8 @@ def main() -> None:
             )
         )
 
-    for decoder in ("torchvision", "pillow"):
-        loader = build_loader(cub, "train", preset="cub448", batch_size=32, train=True, device="cpu", workers=2)
-        loader.dataset.decode_to_tensor = decoder == "torchvision"
-        for _ in loader:  # first epoch: workers start and the page cache warms
-            pass
-        loader.set_epoch(1)
-        rate, n = images_per_second(loader, len(loader), warmup=1)
-        rows.append((f"ours: cub448 DataLoader(2 workers), {decoder} decode", "CUB subset train (300)", rate, n, ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += large_photo_rows(args.data, Path(tmp), args.large)
 
     cpu = next(
         (
