@@ -75,7 +75,7 @@ class DataConfig:
     """Transform preset of resnetkit.data (e.g. cifar, imagenet, cub448)."""
     train_split: str = "train"
     val_split: str = "val"
-    """The split evaluated after each epoch (CIFAR folders call it "test")."""
+    """The split evaluated after each epoch (CIFAR folders call it "test"); "" trains without validation."""
     batch_size: int = 128
     """Global batch: divided between DDP processes."""
     eval_batch_size: int | None = None
