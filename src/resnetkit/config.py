@@ -465,13 +465,14 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any] | None, source: str =
         raise ConfigError(f"{source}: {e}") from None
 
 
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_key(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a raw config dict, making the sections on the way; a non-mapping on the way is an error."""
     keys = dotted.split(".")
     node = data
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+            raise ConfigError(f"{dotted}: {k!r} is not a section")
     node[keys[-1]] = value
 
 
@@ -485,7 +486,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: cannot parse the value: {e}") from None
-        _set(data, key.strip(), value)
+        try:
+            set_key(data, key.strip(), value)
+        except ConfigError as e:
+            raise ConfigError(f"--set {e}") from None
     return data
 
 
