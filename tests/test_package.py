@@ -18,6 +18,7 @@ COMMANDS = [
     ["summary"],
     ["data", "stats"],
     ["train"],
+    ["compare"],
     ["eval"],
     ["report"],
     ["explain"],

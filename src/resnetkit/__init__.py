@@ -20,6 +20,7 @@ __getattr__, __dir__, __all__ = attach(
         "load_weights": "resnetkit.models",
         "train": "resnetkit.train",
         "load_config": "resnetkit.config",
+        "compare": "resnetkit.study.compare",
         "evaluate": "resnetkit.evaluation.evaluate",
         "evaluate_task": "resnetkit.evaluation.evaluate",
         "load_bundle": "resnetkit.bundle",

@@ -1,0 +1,173 @@
+"""`resnetkit compare` on a small real CIFAR-10 subset: every run is a run of the one engine. Three optimisers (one an
+Adam -> SGD switch), three run folders, the table, the figure (one curve per run), the self-contained page; a Ctrl-C
+mid-comparison, then a re-run that reuses the finished run and resumes the interrupted one, then one that reuses
+all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from test_train_real import _wait_for_checkpoint
+
+from resnetkit.cli import main
+from resnetkit.config import ConfigError, config_from_dict
+from resnetkit.study.compare import parse_vary, variants
+from resnetkit.study.recipe import OPTIM_PRESETS, SOURCE_OPTIMIZERS, with_values
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cifar_folder(cifar10_jpg, root, train: int, test: int, classes=None):
+    """An ImageFolder of symlinks to the first `train` / `test` real CIFAR-10 JPEGs of each class."""
+    for split, n in (("train", train), ("test", test)):
+        for class_dir in sorted((cifar10_jpg / split).iterdir()):
+            if n and (classes is None or class_dir.name in classes):
+                (root / split / class_dir.name).mkdir(parents=True)
+                for i in range(n):
+                    (root / split / class_dir.name / f"{i:04d}.jpg").symlink_to(class_dir / f"{i:04d}.jpg")
+    return root
+
+
+def recipe(data, out, /, **sections) -> dict:
+    cfg = {
+        "name": "study",
+        "output_dir": str(out),
+        "model": {"name": "resnet20"},
+        "data": {"name": str(data), "val_split": "test", "batch_size": 32, "cache_dir": str(out / "cache")},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "train": {"epochs": 2, "threads": 1, "log_images": False, "log_every_s": 60},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    return cfg
+
+
+# ---- what --vary and a search space may name
+
+
+def test_vary_takes_keys_option_groups_presets_and_the_optimiser_tricks():
+    base = config_from_dict({})
+    assert parse_vary("optim=sgd,sgdm,nag,{name: adam, lr: 0.001}") == (
+        "optim",
+        ["sgd", "sgdm", "nag", {"name": "adam", "lr": 0.001}],
+    )
+    assert parse_vary("optim.lr=0.1,1e-3") == ("optim.lr", [0.1, "1e-3"])
+    runs = variants(
+        base,
+        [
+            ("optim", list(SOURCE_OPTIMIZERS)),
+            ("optim.switch", [None, {"epoch": 2, "name": "sgd", "lr": 0.05}]),
+        ],
+    )
+    assert len(runs) == 14 and len({r.label for r in runs}) == 14
+    by_label = {r.label: r.config for r in runs}
+    nag = by_label["nag_switch=null"].optim
+    assert (nag.name, nag.lr, nag.momentum, nag.nesterov, nag.switch) == ("sgd", 0.1, 0.9, True, None)
+    sgd = by_label["sgd_switch=epoch-2,name-sgd,lr-0.05"].optim
+    assert (sgd.momentum, sgd.nesterov, sgd.switch.epoch, sgd.switch.name, sgd.switch.lr) == (
+        0.0,
+        False,
+        2,
+        "sgd",
+        0.05,
+    )
+    assert by_label["adadelta_switch=null"].optim.lr == OPTIM_PRESETS["adadelta"]["lr"] == 1.0
+    assert {r.config.seed for r in runs} == {0}  # one seed: the same initial weights and data order for every run
+    (warm,) = variants(base, [parse_vary("optim.momentum_warmup={start: 0.5, steps: 100}")])
+    assert (warm.config.optim.momentum_warmup.start, warm.config.optim.momentum_warmup.steps) == (0.5, 100)
+    plateau = variants(
+        base, [parse_vary("schedule={name: plateau, patience: 1, gamma: 0.5}"), ("train.metric", ["val_loss"])]
+    )
+    assert plateau[0].config.schedule.name == "plateau" and plateau[0].config.train.metric == "val_loss"
+    with pytest.raises(ConfigError, match="optim: expected a mapping of its keys or a preset"):
+        variants(base, [("optim", ["nesterov"])])
+    with pytest.raises(ConfigError, match="unknown key 'optim.lrr'"):
+        variants(base, [("optim.lrr", [0.1])])
+    with pytest.raises(ConfigError, match="'switch' is not a section"):  # no switch in the base to change a key of
+        with_values(base, {"optim.switch.lr": 0.1})
+
+
+# ---- compare
+
+
+def _curve_pixels(png) -> list[int]:
+    """Pixels of each of matplotlib's first three cycle colours (the three runs' curves)."""
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44)]  # tab:blue, tab:orange, tab:green
+    return [int((np.abs(pixels - c).sum(axis=2) < 40).sum()) for c in colours]
+
+
+def test_compare_three_optimisers_table_figure_page_and_reuse(cifar10_jpg, tmp_path, capsys):
+    data = cifar_folder(cifar10_jpg, tmp_path / "data", 30, 10)
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(recipe(data, tmp_path, train={"checkpoint_every": 2})))
+    adam_then_sgd = "{name: adam, lr: 0.002, switch: {epoch: 1, name: sgd, lr: 0.02, momentum: 0.9}}"
+    argv = ["compare", "--config", str(base), "--vary", f"optim=sgdm,nag,{adam_then_sgd}", "--subset", "200"]
+    out = tmp_path / "study-compare"
+    labels = ["sgdm", "nag", "name-adam,lr-0.002,switch-epoch-1,name-sgd,lr-0.02,momentum-0.9"]
+
+    # Ctrl-C while the second run is under way: the first is finished, the second stops with its last.pt saved.
+    child = subprocess.Popen(
+        [sys.executable, "-m", "resnetkit", *argv], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    _wait_for_checkpoint(child, out / "nag" / "last.pt", lambda c: c["epoch"] == 0 and c["step"] > 0)
+    child.send_signal(signal.SIGINT)
+    child.send_signal(signal.SIGCONT)
+    stdout, _ = child.communicate(timeout=120)
+    assert child.returncode == 130, stdout
+    assert "interrupted: run the same command again to continue" in stdout
+    first_run = (out / "sgdm" / "last.pt").stat().st_mtime_ns
+
+    # The same command again: the finished run reused, the interrupted one resumed, the third trained.
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split(" | ") for line in (out / "comparison.md").read_text().splitlines()[2:]]
+    assert [r[0].strip("| ") for r in rows] == labels
+    assert [r[-1].strip("| ") for r in rows] == ["reused", "resumed", "new"]
+    assert (out / "sgdm" / "last.pt").stat().st_mtime_ns == first_run
+    assert "resumed" in (out / "nag" / "train.log").read_text()
+    for label in labels:
+        run = out / label
+        assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+        assert "200 train / 100 val images" in (run / "train.log").read_text()  # --subset, the same for all
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert saved["seed"] == 0 and saved["data"]["subset"] == 200
+    assert "optim.switch: sgd (lr 0.02) from epoch 2 on" in (out / labels[2] / "train.log").read_text()
+    header = rows and (out / "comparison.md").read_text().splitlines()[0]
+    for column in ("best val_acc", "final val_acc", "best val_loss", "final val_loss", "epochs", "train wall s"):
+        assert column in header and column in printed
+    assert len((out / "comparison.csv").read_text().splitlines()) == 4
+
+    # The figure: one curve per run in its own colour (each drawn across both panels, train and val).
+    assert all(n > 300 for n in _curve_pixels(out / "comparison.png")), _curve_pixels(out / "comparison.png")
+    page = (out / "comparison.html").read_text()
+    assert page.count("data:image/png;base64,") == 1 and "http" not in page.replace("http-equiv", "")
+    assert all(label in page for label in labels) and "<table>" in page
+
+    # Once more: everything reused, nothing trained (no row, no checkpoint written).
+    stamps = {label: (out / label / "last.pt").stat().st_mtime_ns for label in labels}
+    assert main(argv) == 0
+    rows = [line.split(" | ") for line in (out / "comparison.md").read_text().splitlines()[2:]]
+    assert [r[-1].strip("| ") for r in rows] == ["reused"] * 3
+    assert stamps == {label: (out / label / "last.pt").stat().st_mtime_ns for label in labels}
+
+    # A run folder of another recipe is not reused.
+    assert main([*argv[:-1], "100"]) == 2
+    assert "holds a run of another recipe (data.subset differ)" in capsys.readouterr().err
