@@ -19,6 +19,7 @@ COMMANDS = [
     ["data", "stats"],
     ["train"],
     ["compare"],
+    ["lr-find"],
     ["eval"],
     ["report"],
     ["explain"],

@@ -1,14 +1,15 @@
-"""`resnetkit compare`: a thin shell over study/compare.py.
+"""`resnetkit compare` and `resnetkit lr-find`: thin shells over study/compare.py and lr_find.py.
 
     resnetkit compare --config configs/cifar10_resnet20.yaml --subset 10000 \\
         --vary optim=sgd,sgdm,nag,adagrad,adadelta,rmsprop,adam
+    resnetkit lr-find --config configs/cifar10_resnet20.yaml
 """
 
 from __future__ import annotations
 
 import argparse
 
-from resnetkit.cli_shared import add_config_arguments, positive
+from resnetkit.cli_shared import UserError, add_config_arguments, positive
 from resnetkit.study.recipe import OPTIM_PRESETS
 
 
@@ -49,6 +50,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="the comparison folder (default <output_dir>/<name>-compare)")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser(
+        "lr-find",
+        help="learning-rate range test: loss against an exponentially rising lr, a suggested lr",
+        description="Trains from the recipe's initial weights with the lr rising exponentially from --start to "
+        "--end over --steps optimizer steps, in a temporary run folder (the recipe's run folder and weights are not "
+        "touched); stops when the loss diverges. Suggests the lr where the loss, smoothed over a decade of lr, stops "
+        "falling. "
+        "Writes lr_find.png and lr_find.json to --out (default <output_dir>/<name>-lr-find).",
+    )
+    add_config_arguments(p, resume=False)
+    p.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    p.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
+    p.add_argument("--steps", type=positive, default=100, help="optimizer steps of the sweep (default 100)")
+    p.add_argument("--out", help="output folder (default <output_dir>/<name>-lr-find)")
+    p.set_defaults(func=cmd_lr_find)
+
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from resnetkit.study.compare import compare, parse_vary
@@ -63,4 +80,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if result.interrupted:
         print("interrupted: run the same command again to continue")
         return 130
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from resnetkit.study.lr_find import lr_find
+
+    found = lr_find(
+        args.config, overrides=args.overrides, start=args.start, end=args.end, steps=args.steps, out=args.out
+    )
+    if found.suggestion is None:
+        raise UserError("lr-find: no finite loss was recorded")
+    print(
+        f"suggested lr {found.suggestion:.3g} (where the smoothed loss stops falling) after {len(found.lrs)} steps"
+        f"{'' if found.diverged else '; no divergence before --end: raise it'}"
+    )
+    print(f"wrote {found.figure}, {found.json}")
     return 0
