@@ -19,6 +19,7 @@ COMMANDS = [
     ["data", "stats"],
     ["train"],
     ["compare"],
+    ["tune"],
     ["lr-find"],
     ["eval"],
     ["report"],

@@ -21,6 +21,7 @@ __getattr__, __dir__, __all__ = attach(
         "train": "resnetkit.train",
         "load_config": "resnetkit.config",
         "compare": "resnetkit.study.compare",
+        "tune": "resnetkit.study.tune",
         "lr_find": "resnetkit.study.lr_find",
         "evaluate": "resnetkit.evaluation.evaluate",
         "evaluate_task": "resnetkit.evaluation.evaluate",

@@ -1,7 +1,9 @@
-"""`resnetkit compare` and `resnetkit lr-find`: thin shells over study/compare.py and lr_find.py.
+"""`resnetkit compare`, `resnetkit tune` and `resnetkit lr-find`: thin shells over study/compare.py, tune.py and
+lr_find.py.
 
     resnetkit compare --config configs/cifar10_resnet20.yaml --subset 10000 \\
         --vary optim=sgd,sgdm,nag,adagrad,adadelta,rmsprop,adam
+    resnetkit tune --config configs/cifar10_resnet20.yaml --space space.yaml --trials 30 --subset 10000
     resnetkit lr-find --config configs/cifar10_resnet20.yaml
 """
 
@@ -51,6 +53,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
+        "tune",
+        help="hyperparameter search with Optuna (TPE, median pruning); processes anywhere share one study",
+        description="Trials are runs of the recipe with values from SPACE.yaml (dotted keys to {low, high[, log, "
+        "int, step]} or a list of choices). Start as many `tune` processes as you like, on one machine (the default "
+        "SQLite storage) or many (--storage postgresql://... or mysql://...): they share the study and stop once it "
+        "holds --trials trials. Writes best.yaml (a ready recipe), trials.md/.csv, history.png and importance.png "
+        "into the study folder (default <output_dir>/<study>/).",
+    )
+    add_config_arguments(p, resume=False)
+    p.add_argument("--space", required=True, metavar="SPACE.yaml", help="the search space")
+    p.add_argument("--trials", type=positive, required=True, help="the study's total number of trials")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///<study folder>/study.db)")
+    p.add_argument("--study", help="study name (default <name>-tune)")
+    p.add_argument(
+        "--startup-trials",
+        type=positive,
+        default=5,
+        help="random trials before TPE models the results, and trials finished before pruning starts (default 5)",
+    )
+    p.add_argument("--no-base-trial", action="store_true", help="do not run the base recipe itself as trial 0")
+    _add_subset(p)
+    p.add_argument("--out", help="the study folder (default <output_dir>/<study>)")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser(
         "lr-find",
         help="learning-rate range test: loss against an exponentially rising lr, a suggested lr",
         description="Trains from the recipe's initial weights with the lr rising exponentially from --start to "
@@ -79,6 +106,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"{run.label} {run.status}")
     if result.interrupted:
         print("interrupted: run the same command again to continue")
+        return 130
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import optuna
+
+    from resnetkit.study.tune import tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial gets our own line
+    result = tune(
+        args.config,
+        args.space,
+        args.trials,
+        overrides=_overrides(args),
+        storage=args.storage,
+        study_name=args.study,
+        out=args.out,
+        startup_trials=args.startup_trials,
+        base_trial=not args.no_base_trial,
+    )
+    print(result.table.read_text(), end="")
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.best_config is not None:
+        print(f"best {result.metric} {result.best_value:.4f}: {result.best_config}")
+    written = [p for p in (result.table, result.history, result.importance) if p is not None]
+    print(f"study {result.study_name} in {result.storage}; wrote {', '.join(map(str, written))}")
+    if result.interrupted:
+        print("interrupted: run the same command again to continue the study")
         return 130
     return 0
 
