@@ -282,7 +282,7 @@ def test_tune_two_workers_share_one_study_prune_a_poor_range_and_write_a_recipe(
     assert (out / "history.png").is_file() and (out / "trials.csv").is_file()
     best = out / "best.yaml"
     assert "the best of 4 trials" in best.read_text() and yaml.safe_load(best.read_text())["optim"]["lr"] == 0.002
-    assert main(["train", "--config", str(best), "--set", "train.epochs=1"]) == 0
+    assert main(["train", "--config", str(best), "--set", "train.epochs=1", "--set", "data.subset=100"]) == 0
     assert (tmp_path / "study-tune-best" / "last.pt").is_file()
 
     # The study is complete: another worker runs nothing and only rewrites the report.
