@@ -193,3 +193,14 @@ def test_optimisation_flags_together(tiny, tmp_path):
         json.loads(line)["val_loss"] for line in (tmp_path / "tiny/metrics.jsonl").read_text().splitlines()
     )
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_classification_without_validation(tiny, tmp_path):
+    """data.val_split "" trains without a validation split, as detection and segmentation already do."""
+    result = train(
+        config_from_dict(tiny_config(tiny, tmp_path, data={"val_split": ""}, train={"epochs": 1})), quiet=True
+    )
+    rows = [json.loads(line) for line in (tmp_path / "tiny/metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and "train_loss" in rows[0] and not any(k.startswith("val_") for k in rows[0])
+    assert result.last_checkpoint is not None and result.best_checkpoint is None  # no metric to choose a best by
+    assert "train / 0 val images" in (tmp_path / "tiny/train.log").read_text()

@@ -69,8 +69,9 @@ def load_model_source(args: argparse.Namespace, **options: Any):
         raise UserError(str(e)) from e
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """--config FILE (a YAML recipe), --set KEY=VALUE (repeatable), --resume."""
+def add_config_arguments(p: argparse.ArgumentParser, *, resume: bool = True) -> None:
+    """--config FILE (a YAML recipe), --set KEY=VALUE (repeatable), and --resume unless `resume=False` (commands that
+    resume by themselves, or never)."""
     p.add_argument("--config", required=True, help="a YAML recipe, e.g. configs/demo.yaml (its task: see `task:`)")
     p.add_argument(
         "--set",
@@ -80,7 +81,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.lr=0.05 --set train.epochs=3 (repeatable)",
     )
-    p.add_argument("--resume", action="store_true", help="continue the run in the run folder from its last.pt")
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue the run in the run folder from its last.pt")
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:

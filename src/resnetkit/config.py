@@ -75,7 +75,7 @@ class DataConfig:
     """Transform preset of resnetkit.data (e.g. cifar, imagenet, cub448)."""
     train_split: str = "train"
     val_split: str = "val"
-    """The split evaluated after each epoch (CIFAR folders call it "test")."""
+    """The split evaluated after each epoch (CIFAR folders call it "test"); "" trains without validation."""
     batch_size: int = 128
     """Global batch: divided between DDP processes."""
     eval_batch_size: int | None = None
@@ -467,13 +467,14 @@ def dataclass_from_dict(cls: type[T], data: dict[str, Any] | None, source: str =
         raise ConfigError(f"{source}: {e}") from None
 
 
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_key(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a raw config dict, making the sections on the way; a non-mapping on the way is an error."""
     keys = dotted.split(".")
     node = data
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+            raise ConfigError(f"{dotted}: {k!r} is not a section")
     node[keys[-1]] = value
 
 
@@ -487,7 +488,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: cannot parse the value: {e}") from None
-        _set(data, key.strip(), value)
+        try:
+            set_key(data, key.strip(), value)
+        except ConfigError as e:
+            raise ConfigError(f"--set {e}") from None
     return data
 
 

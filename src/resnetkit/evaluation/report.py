@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +60,22 @@ def environment() -> dict[str, str]:
     return env
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl rows in epoch order, [] when there is none. An epoch logged twice (a run stopped after
+    writing its row but before saving its checkpoint redoes the epoch when resumed) keeps its newest row."""
+    path = Path(path)
     if not path.is_file():
         return []
-    rows = []
+    rows: dict[Any, dict[str, Any]] = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not a JSON row ({e.msg})") from None
-    return rows
+            rows.pop(row.get("epoch"), None)
+            rows[row.get("epoch")] = row
+    return list(rows.values())
 
 
 def _duration(seconds: float) -> str:
@@ -82,7 +88,7 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.2f}%"
 
 
-def _data_uri(path: Path) -> str:
+def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
@@ -108,7 +114,7 @@ def gather_run(run_dir: str | Path, evaluate_if_missing: bool = True, **eval_kwa
         result = json.loads((eval_dir / "eval.json").read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{eval_dir / 'eval.json'}: not valid JSON ({e.msg})") from None
-    rows = _read_rows(run / "metrics.jsonl")
+    rows = read_metrics(run / "metrics.jsonl")
     curves = run / "curves.png"
     if rows and not curves.is_file():
         from resnetkit.train.monitor import plot_curves
@@ -199,9 +205,14 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, **gather_kw
     return html_path, md_path
 
 
-def _table_html(rows: list[tuple[str, str]], header: tuple[str, str] | None = None) -> str:
-    head = f"<tr><th>{html.escape(header[0])}</th><th>{html.escape(header[1])}</th></tr>" if header else ""
-    body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+def table_html(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
+    """An HTML table of any number of columns, every cell escaped."""
+
+    def cells(tag: str, row: Sequence[Any]) -> str:
+        return "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in row)
+
+    head = f"<tr>{cells('th', header)}</tr>" if header else ""
+    body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
     return f"<table>{head}{body}</table>"
 
 
@@ -215,7 +226,7 @@ def _per_class_html(per_class: list[dict[str, Any]]) -> str:
     return f"<table>{head}{body}</table>"
 
 
-_CSS = """
+PAGE_CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
        padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { border-bottom: 2px solid #ddd; padding-bottom: .3em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #eee; }
@@ -235,16 +246,16 @@ def render_html(info: dict[str, Any]) -> str:
     esc = html.escape
 
     def image(key: str, alt: str) -> str:
-        return f'<img alt="{esc(alt)}" src="{_data_uri(fig[key])}">' if key in fig else "<p class=muted>(missing)</p>"
+        return f'<img alt="{esc(alt)}" src="{data_uri(fig[key])}">' if key in fig else "<p class=muted>(missing)</p>"
 
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>resnetkit report: {esc(info['name'])}</title><style>{_CSS}</style></head><body>",
+        f"<title>resnetkit report: {esc(info['name'])}</title><style>{PAGE_CSS}</style></head><body>",
         f"<h1>Run report: {esc(info['name'])}</h1>",
         f"<p class=muted>{esc(info['run_dir'])} &middot; written {esc(info['written'])}</p>",
         "<h2>Recipe</h2>",
-        _table_html(info["recipe"]) if info["recipe"] else "<p class=muted>no config.yaml in the run folder</p>",
+        table_html(info["recipe"]) if info["recipe"] else "<p class=muted>no config.yaml in the run folder</p>",
     ]
     if info["config_text"]:
         parts.append(
@@ -255,18 +266,18 @@ def render_html(info: dict[str, Any]) -> str:
         image("curves", "training curves") if "curves" in fig else "<p class=muted>no curves.png</p>",
     ]
     if info["rows"]:
-        parts.append("<p>Last epoch:</p>" + _table_html(_last_epoch_rows(info["rows"])))
+        parts.append("<p>Last epoch:</p>" + table_html(_last_epoch_rows(info["rows"])))
     where = f"{r['data']} / {r['split']}" + (f", test-time augmentation: {r['tta']}" if r.get("tta") else "")
     parts += [
         "<h2>Final metrics</h2>",
         f"<p>{esc(r.get('checkpoint') or r['model'])} on {esc(where)}</p>",
-        _table_html(_summary_rows(r), ("metric", "value")),
+        table_html(_summary_rows(r), ("metric", "value")),
         "<h3>Per class</h3>",
         _per_class_html(r["per_class"]),
     ]
     if r.get("top_confusions"):
         rows = [(f"{c['true']} → {c['predicted']}", str(c["count"])) for c in r["top_confusions"]]
-        parts += ["<h3>Most frequent confusions</h3>", _table_html(rows, ("true → predicted", "count"))]
+        parts += ["<h3>Most frequent confusions</h3>", table_html(rows, ("true → predicted", "count"))]
     parts += [
         "<h2>Confusion matrix</h2>",
         image("confusion", "confusion matrix"),
@@ -275,7 +286,7 @@ def render_html(info: dict[str, Any]) -> str:
         "<h2>Most confidently misclassified</h2>",
         image("misclassified", "misclassified images"),
         "<h2>Environment and time</h2>",
-        _table_html(
+        table_html(
             [
                 *info["environment"].items(),
                 ("training wall time", _duration(info["train_seconds"]) if info["rows"] else "-"),
@@ -289,10 +300,13 @@ def render_html(info: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _table_md(rows: list[tuple[str, str]], header: tuple[str, str] = ("", "")) -> str:
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    lines += [f"| {str(k).replace('|', '/')} | {str(v).replace('|', '/')} |" for k, v in rows]
-    return "\n".join(lines)
+def table_md(rows: Sequence[Sequence[Any]], header: Sequence[str] = ("", "")) -> str:
+    """A Markdown table of any number of columns ("|" in a cell becomes "/")."""
+
+    def line(row: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "/") for c in row) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
 def render_markdown(info: dict[str, Any], base: Path) -> str:
@@ -317,7 +331,7 @@ def render_markdown(info: dict[str, Any], base: Path) -> str:
         "",
         "## Recipe",
         "",
-        _table_md(info["recipe"], ("", "")) if info["recipe"] else "no config.yaml",
+        table_md(info["recipe"], ("", "")) if info["recipe"] else "no config.yaml",
         "",
     ]
     if info["config_text"]:
@@ -333,14 +347,14 @@ def render_markdown(info: dict[str, Any], base: Path) -> str:
         ]
     lines += ["## Training curves and learning-rate schedule", "", image("curves", "training curves"), ""]
     if info["rows"]:
-        lines += ["Last epoch:", "", _table_md(_last_epoch_rows(info["rows"]), ("", "")), ""]
+        lines += ["Last epoch:", "", table_md(_last_epoch_rows(info["rows"]), ("", "")), ""]
     lines += [
         "## Final metrics",
         "",
         f"`{r.get('checkpoint') or r['model']}` on {r['data']} / {r['split']}"
         + (f", test-time augmentation: {r['tta']}" if r.get("tta") else ""),
         "",
-        _table_md(_summary_rows(r), ("metric", "value")),
+        table_md(_summary_rows(r), ("metric", "value")),
         "",
         "### Per class",
         "",
@@ -367,7 +381,7 @@ def render_markdown(info: dict[str, Any], base: Path) -> str:
         "",
         "## Environment and time",
         "",
-        _table_md(
+        table_md(
             [
                 *info["environment"].items(),
                 ("training wall time", _duration(info["train_seconds"]) if info["rows"] else "-"),

@@ -52,10 +52,13 @@ class ClassificationTask(Task):
         )
         train_loader.set_augmentation(d.train_augment)
         # Validation images are prepared exactly as the checkpoint will say: the training loader's preprocess.
+        # val_split "" trains without validation (as for detection and segmentation), e.g. an lr range test.
         val_batch = max(eval_batch // info.world_size, 1)
-        val_loader = build_loader(
-            d.name, d.val_split, batch_size=val_batch, train=False, preset=train_loader.preprocess, **common
-        )
+        val_loader = None
+        if d.val_split:
+            val_loader = build_loader(
+                d.name, d.val_split, batch_size=val_batch, train=False, preset=train_loader.preprocess, **common
+            )
         self.classes = list(train_loader.classes)
         self.preprocess = dict(train_loader.preprocess)
         self.mix = None
