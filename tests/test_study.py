@@ -292,6 +292,44 @@ def test_tune_two_workers_share_one_study_prune_a_poor_range_and_write_a_recipe(
     assert again.trials_run == 0 and again.best_config == best
 
 
+def test_tune_runs_a_dead_workers_trial_again_resuming_its_run(cifar10_jpg, tmp_path):
+    """A worker SIGKILLed mid-trial stops sending its heartbeat; the next worker fails that trial and runs it again as
+    a new trial with the same values, continuing the dead run's folder from its last checkpoint (every epoch once),
+    and the study counts it once."""
+    import optuna
+
+    from resnetkit.study.tune import tune
+
+    data = cifar_folder(cifar10_jpg, tmp_path / "data", 20, 5)
+    base, space = tmp_path / "base.yaml", tmp_path / "space.yaml"
+    base.write_text(yaml.safe_dump(recipe(data, tmp_path, train={"epochs": 3})))
+    space.write_text("optim.lr: {low: 0.01, high: 0.1, log: true}\n")
+    out, url = tmp_path / "study-tune", f"sqlite:///{tmp_path / 'study-tune' / 'study.db'}"
+    cmd = [sys.executable, "-m", "resnetkit", "tune", "--config", str(base), "--space", str(space)]
+    cmd += ["--trials", "2", "--no-base-trial", "--heartbeat", "1"]
+    dead = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_checkpoint(dead, out / "trial-0000" / "last.pt", lambda ckpt: ckpt["epoch"] == 1)
+    dead.kill()  # stopped by _wait_for_checkpoint after its first epoch: SIGKILL, no chance to tidy up
+    dead.wait()
+    assert _study(url, "study-tune").get_trials()[0].state == optuna.trial.TrialState.RUNNING
+    time.sleep(5)  # four silent beats of a second: stale
+
+    result = tune(base, space, 2, base_trial=False, heartbeat=1, quiet=True)
+    trials = _study(url, "study-tune").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert result.trials_run == 2  # the retry and one new trial: the dead one does not count
+    retry = trials[1]
+    assert retry.system_attrs["retry_history"] == [0] and retry.params == trials[0].params
+    assert retry.user_attrs["run_dir"] == str(out / "trial-0000")
+    log = (out / "trial-0000" / "train.log").read_text()
+    assert "resumed" in log
+    rows = [json.loads(line) for line in (out / "trial-0000" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # the first epoch from the dead worker, two from the retry
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("trial-")) == ["trial-0000", "trial-0002"]
+    table = result.table.read_text()
+    assert "| complete (retry of 0) |" in table and len(table.splitlines()) == 2 + 2
+
+
 def test_study_report_writes_the_best_recipe_and_optunas_plots(tmp_path):
     """The report of a study from the storage alone: best.yaml, the table, history.png and importance.png."""
     import optuna

@@ -73,6 +73,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="random trials before TPE models the results, and trials finished before pruning starts (default 5)",
     )
     p.add_argument("--no-base-trial", action="store_true", help="do not run the base recipe itself as trial 0")
+    p.add_argument(
+        "--heartbeat",
+        type=positive,
+        default=30,
+        metavar="SECONDS",
+        help="a running trial's heartbeat; one silent for four beats (its worker died) is run again (default 30)",
+    )
     _add_subset(p)
     p.add_argument("--out", help="the study folder (default <output_dir>/<study>)")
     p.set_defaults(func=cmd_tune)
@@ -126,6 +133,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         out=args.out,
         startup_trials=args.startup_trials,
         base_trial=not args.no_base_trial,
+        heartbeat=args.heartbeat,
     )
     print(result.table.read_text(), end="")
     for note in result.notes:

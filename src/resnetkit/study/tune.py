@@ -17,9 +17,14 @@ SPACE.yaml maps dotted config keys (or whole sections, as `compare --vary` takes
 `--trials N` is the study's total: every process stops once N trials exist, whichever process ran them (each trial
 is claimed once, through the number the storage gives it), so a stopped study continues where it was when run
 again, and `--trials` above the trials done extends it. A trial interrupted by Ctrl-C is given back (a rerun
-replaces it); one whose process was killed stays `running` in the storage and counts (Optuna's heartbeat, which
-would fail it, is not wired in). Trial 0 of a new study is the base recipe itself (no value
-sampled): the reference the pruner compares the first sampled trials against, and the result to beat.
+replaces it). A trial whose process died (killed, out of memory, a machine lost) stops sending Optuna's heartbeat
+(every --heartbeat seconds, 30 by default); once it has been silent for four beats the next worker to ask for a
+trial marks it failed and runs it again as a new trial with the same values, resuming the dead run's folder from
+its last checkpoint (Optuna's RetryHeartbeatStaleTrialCallback, up to two retries). Trial 0 of a new study is the
+base recipe itself (no value sampled): the reference the pruner compares the first sampled trials against, and the
+result to beat. The TPE sampler of the process that creates the study is seeded with the recipe's seed, so a study
+run by one process samples the same values again; processes that join one draw their own (with one seed they
+would all suggest the same values).
 
 Study folder (default <output_dir>/<study>/, the study named <name>-tune by default): trial-NNNN/ (each trial's
 run folder), study.db (the default storage), best.yaml (the best trial's recipe, ready for `resnetkit train`),
@@ -34,6 +39,7 @@ import io
 import json
 import os
 import socket
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -170,29 +176,71 @@ class _Pruning:
             raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.metric}={value:.4f}")
 
 
-def _storage(url: str):
-    """Optuna's RDB storage; an SQLite file waits for its lock instead of failing when several workers write."""
+MAX_RETRIES = 2
+"""How often a trial whose worker died is run again before it counts as failed."""
+
+
+def _storage(url: str, heartbeat: int):
+    """Optuna's RDB storage with its heartbeat: a running trial silent for four beats is failed by the next worker
+    and enqueued again with its values. An SQLite file waits for its lock instead of failing when workers write."""
     import optuna
 
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    with warnings.catch_warnings():  # the heartbeat and its retry callback are marked experimental
+        warnings.simplefilter("ignore")
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat,
+            grace_period=4 * heartbeat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+        )
 
 
-def _open_study(name: str, storage, direction: str, metric: str, space: Mapping[str, Dimension], startup: int, base):
-    """Create the study (its creator enqueues the base trial), or join it after checking it searches the same."""
+class _Heartbeat:
+    """Records the trial's heartbeat in the storage every `interval` seconds while its run trains (what
+    Study.optimize does for its own trials; `tune` asks and tells, so it beats here)."""
+
+    def __init__(self, storage, trial_id: int, interval: int) -> None:
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="optuna-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            self.storage.record_heartbeat(self.trial_id)
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _open_study(
+    name: str, storage, direction: str, metric: str, space: Mapping[str, Dimension], startup: int, base, seed: int
+):
+    """Create the study (its creator enqueues the base trial and seeds its sampler), or join it after checking it
+    searches the same."""
     import optuna
 
-    sampler = optuna.samplers.TPESampler(n_startup_trials=startup, constant_liar=True)
+    def sampler(seed: int | None):
+        return optuna.samplers.TPESampler(n_startup_trials=startup, constant_liar=True, seed=seed)
+
     pruner = optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
     fingerprint = json.dumps({k: vars(d) for k, d in space.items()}, sort_keys=True, default=str)
     try:
         study = optuna.create_study(
-            storage=storage, sampler=sampler, pruner=pruner, study_name=name, direction=direction
+            storage=storage, sampler=sampler(seed), pruner=pruner, study_name=name, direction=direction
         )
     except optuna.exceptions.DuplicatedStudyError:
         study = None
     if study is None:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler(None), pruner=pruner)
         if study.direction.name.lower() != direction:
             raise ValueError(f"study {name!r} {study.direction.name.lower()}s; this one would {direction} {metric}")
         attrs = study.user_attrs
@@ -208,12 +256,26 @@ def _open_study(name: str, storage, direction: str, metric: str, space: Mapping[
     return study
 
 
+def _retried(trials) -> set[int]:
+    """Numbers of the trials whose worker died and that were run again as another trial."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def _counted_trials(study) -> list:
+    """The trials that count towards --trials: all but those given back and those run again as another trial."""
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    return [t for t in trials if not t.user_attrs.get("given_back") and t.number not in retried]
+
+
 def _counted(study, before: int | None = None) -> int:
-    """The trials that count towards --trials (all but those given back), or those numbered below `before`."""
-    return sum(
-        not t.user_attrs.get("given_back") and (before is None or t.number < before)
-        for t in study.get_trials(deepcopy=False)
-    )
+    """How many trials that a worker has claimed count towards --trials (an enqueued trial, the base recipe or a
+    dead worker's trial to run again, is not yet claimed), or how many of all those numbered below `before` do."""
+    from optuna.trial import TrialState
+
+    if before is None:
+        return sum(t.state != TrialState.WAITING for t in _counted_trials(study))
+    return sum(t.number < before for t in _counted_trials(study))
 
 
 def _give_back(study, trial, why: str) -> None:
@@ -235,6 +297,7 @@ def tune(
     out: str | Path | None = None,
     startup_trials: int = 5,
     base_trial: bool = True,
+    heartbeat: int = 30,
     quiet: bool = False,
 ) -> TuneResult:
     """Run trials of the study until it holds `trials` of them, then write its best recipe, table and plots.
@@ -243,6 +306,7 @@ def tune(
     storage: an Optuna storage URL (default sqlite:///<out>/study.db); study_name: default <name>-tune.
     startup_trials: trials sampled at random before TPE models the results, and finished before the pruner prunes.
     base_trial: trial 0 of a new study is the base recipe as it is.
+    heartbeat: seconds between a running trial's heartbeats; one silent for four is failed and run again.
     """
     import optuna
 
@@ -261,7 +325,8 @@ def tune(
     url = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     metric = base.train.metric or get_task(base.task).metric
     direction = "minimize" if metric.endswith("loss") else "maximize"
-    study = _open_study(study_name, _storage(url), direction, metric, dims, startup_trials, base_trial)
+    storage = _storage(url, heartbeat)
+    study = _open_study(study_name, storage, direction, metric, dims, startup_trials, base_trial, base.seed)
     result = TuneResult(out_dir, study_name, url, metric)
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -269,22 +334,32 @@ def tune(
         if not quiet:
             print(f"tune {study_name}: {msg}", flush=True)
 
-    while _counted(study) < trials:
-        trial = study.ask()
+    while True:
+        with warnings.catch_warnings():  # Optuna's heartbeat API is marked experimental and meant for optimize()
+            warnings.simplefilter("ignore")
+            optuna.storages.fail_stale_trials(study)  # trials of dead workers: failed, and enqueued again
+            if _counted(study) >= trials:
+                break
+            trial = study.ask()
         # Between the count above and this ask another worker may have taken the last trial: give this one back.
         if _counted(study, before=trial.number) >= trials:
             _give_back(study, trial, "surplus")
             break
         is_base = bool(trial.user_attrs.get("base"))
         values = {} if is_base else {key: d.suggest(trial) for key, d in dims.items()}
-        cfg = with_values(base, {**values, "output_dir": str(out_dir), "name": f"trial-{trial.number:04d}"})
+        # A retry (its worker died) carries the dead trial's user attributes: it continues that trial's run folder.
+        name = Path(trial.user_attrs.get("run_dir", f"trial-{trial.number:04d}")).name
+        cfg = with_values(base, {**values, "output_dir": str(out_dir), "name": name})
+        resume = (cfg.run_dir / "last.pt").is_file()
+        again = f", again for a dead worker, resuming {name}" if "worker" in trial.user_attrs else ""
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("run_dir", str(cfg.run_dir))
         shown = "the base recipe" if is_base else ", ".join(f"{k}={_cell(v)}" for k, v in values.items())
-        say(f"trial {trial.number} ({worker}): {shown}")
+        say(f"trial {trial.number} ({worker}{again}): {shown}")
         result.trials_run += 1
         try:
-            run = train(cfg, quiet=quiet, callbacks=[_Pruning(trial, metric)])
+            with _Heartbeat(storage, trial._trial_id, heartbeat):  # Optuna has no public name for the id
+                run = train(cfg, resume=resume, quiet=quiet, callbacks=[_Pruning(trial, metric)])
         except optuna.TrialPruned as e:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             say(f"trial {trial.number} {e}")
@@ -333,7 +408,7 @@ def write_study_report(study, base: Config, space: Mapping[str, Dimension], resu
     from resnetkit.evaluation.report import table_md
 
     out = result.out_dir
-    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("given_back")]
+    trials = _counted_trials(study)
     header = ["trial", "state", result.metric, "epochs", *space, "seconds", "worker"]
     rows = []
     for t in trials:
@@ -347,7 +422,10 @@ def write_study_report(study, base: Config, space: Mapping[str, Dimension], resu
         values = trial_values(t, space)
         cells = [_cell(values[k]) if k in values else ("(base)" if t.user_attrs.get("base") else "") for k in space]
         seconds = f"{t.duration.total_seconds():.0f}" if t.duration is not None else "-"
-        rows.append([t.number, t.state.name.lower(), value, len(steps), *cells, seconds, t.user_attrs.get("worker")])
+        state = t.state.name.lower()
+        if t.system_attrs.get("retry_history"):
+            state += f" (retry of {', '.join(map(str, t.system_attrs['retry_history']))})"
+        rows.append([t.number, state, value, len(steps), *cells, seconds, t.user_attrs.get("worker")])
     result.table = out / "trials.md"
     _write_atomic(result.table, table_md(rows, header) + "\n")
     text = io.StringIO()
