@@ -15,13 +15,13 @@ Keys a training checkpoint holds (every task; other writers fill what they have)
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from resnetkit.fileio import write_atomic
 
 
 class CheckpointError(ValueError):
@@ -29,28 +29,8 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` to `path` atomically: a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash at any moment leaves either the old file or the new one in place, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `state` to `path` atomically with `torch.save` (see `write_atomic`)."""
+    return write_atomic(path, lambda f: torch.save(state, f))
 
 
 def torch_load(path: str | Path, what: str = "checkpoint") -> Any:

@@ -521,8 +521,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_dict(data, source)
 
 
-def save_config(config: Config, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return path
+def save_config(config: Config, path: str | Path, header: str = "") -> Path:
+    """The config as YAML (atomically), after `header` (comment lines, each starting with '#')."""
+    from resnetkit.fileio import write_atomic
+
+    return write_atomic(path, header + yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -20,6 +20,7 @@ import torch
 from resnetkit.checkpoint import CheckpointError, torch_load
 from resnetkit.data.datasets import CIFAR, Shapes, log, report_skipped
 from resnetkit.data.image import BadImageError, image_size
+from resnetkit.fileio import write_atomic
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied by the one decoder
 SMALL_IMAGE_MAX = 64  # ImageFolder images up to this many pixels on a side go through the fast pipeline
@@ -111,20 +112,15 @@ def load_tensors(dataset, cache_dir: str | os.PathLike | None = None, strict: bo
         from resnetkit.data.transforms import compute_mean_std
 
         data.mean, data.std = compute_mean_std(data.images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(
-        {
-            "images": data.images,
-            "labels": data.labels,
-            "classes": data.classes,
-            "skipped": [list(s) for s in data.skipped],
-            "mean": data.mean,
-            "std": data.std,
-        },
-        tmp,
-    )
-    os.replace(tmp, path)  # atomic: concurrent ranks building the same cache never see half a file
+    state = {
+        "images": data.images,
+        "labels": data.labels,
+        "classes": data.classes,
+        "skipped": [list(s) for s in data.skipped],
+        "mean": data.mean,
+        "std": data.std,
+    }
+    write_atomic(path, lambda f: torch.save(state, f))  # concurrent ranks building one cache never see half a file
     return data
 
 

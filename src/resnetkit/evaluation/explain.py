@@ -213,9 +213,9 @@ def plot_explanation(view: Image.Image, entries: list[dict], path, title: str = 
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from resnetkit.evaluation.figures import save_figure
+
+    return save_figure(fig, path)
 
 
 def explain_files(

@@ -6,6 +6,7 @@ Written by `resnetkit.evaluation.evaluate` into the eval folder and embedded by 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,18 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = DPI) -> Path:
+    """Every figure resnetkit draws is written here: PNG into a temporary file beside `path`, then renamed over it,
+    so a viewer refreshing it (or two study workers writing it) never sees half an image; the figure is closed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    _pyplot().close(fig)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        _pyplot().close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -98,7 +106,7 @@ def plot_confusion_matrix(confusion: list[list[int]], classes: list[str], path: 
         ax.set_ylabel("true class")
     scale = " (square-root colour scale)" if num_classes > MANY_CLASSES else ""
     ax.set_title(f"{title}\n" * bool(title) + f"row-normalised %, classes sorted by recall{scale}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reliability(calibration: list[dict[str, Any]], ece: float, path: str | Path) -> Path:
@@ -146,7 +154,7 @@ def plot_reliability(calibration: list[dict[str, Any]], ece: float, path: str | 
     bottom.set_xlabel("confidence (max softmax probability)")
     bottom.set_ylabel("samples")
     bottom.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def misclassified_figsize(count: int) -> tuple[float, float]:
@@ -175,7 +183,7 @@ def plot_misclassified(images: torch.Tensor, labels: list[tuple[str, str, float]
             f"true: {_short(true)}\npred: {_short(predicted)} ({confidence:.0%})", fontsize=9, color="firebrick"
         )
     fig.suptitle("most confidently misclassified", fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _short(name: str, width: int = 18) -> str:

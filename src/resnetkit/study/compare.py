@@ -237,10 +237,9 @@ def plot_comparison(result: Comparison, path: str | Path) -> Path:
     axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
     fig.suptitle(f"{result.out_dir.name}: {len(result.runs)} runs")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from resnetkit.evaluation.figures import save_figure
+
+    return save_figure(fig, path)
 
 
 def write_comparison(result: Comparison) -> Comparison:

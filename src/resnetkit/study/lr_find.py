@@ -190,7 +190,6 @@ def plot_lr_find(found: LRFind, path: str | Path) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from resnetkit.evaluation.figures import save_figure
+
+    return save_figure(fig, path)

@@ -401,11 +401,12 @@ def write_study_report(study, base: Config, space: Mapping[str, Dimension], resu
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna
     from optuna.trial import TrialState
 
+    from resnetkit.evaluation.figures import save_figure
     from resnetkit.evaluation.report import table_md
+    from resnetkit.fileio import write_atomic
 
     out = result.out_dir
     trials = _counted_trials(study)
@@ -427,10 +428,10 @@ def write_study_report(study, base: Config, space: Mapping[str, Dimension], resu
             state += f" (retry of {', '.join(map(str, t.system_attrs['retry_history']))})"
         rows.append([t.number, state, value, len(steps), *cells, seconds, t.user_attrs.get("worker")])
     result.table = out / "trials.md"
-    _write_atomic(result.table, table_md(rows, header) + "\n")
+    write_atomic(result.table, table_md(rows, header) + "\n")
     text = io.StringIO()
     csv.writer(text).writerows([header, *rows])
-    _write_atomic(out / "trials.csv", text.getvalue())
+    write_atomic(out / "trials.csv", text.getvalue())
 
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
@@ -444,9 +445,7 @@ def write_study_report(study, base: Config, space: Mapping[str, Dimension], resu
             f"{best.value:.4f}, trial {best.number}: {shown}).\n"
             f"# Train it: resnetkit train --config {result.best_config}\n"
         )
-        recipe = save_config(cfg, out / f".best.{os.getpid()}.yaml")
-        _write_atomic(result.best_config, head + recipe.read_text())
-        recipe.unlink()
+        save_config(cfg, result.best_config, header=head)
     else:
         result.notes.append("no trial has completed yet: no best.yaml")
 
@@ -454,8 +453,8 @@ def write_study_report(study, base: Config, space: Mapping[str, Dimension], resu
         warnings.simplefilter("ignore")
         if complete:
             ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=result.metric)
-            result.history = _save_figure(ax.figure, out / "history.png")
-            plt.close(ax.figure)
+            ax.figure.tight_layout()
+            result.history = save_figure(ax.figure, out / "history.png")
         sampled = [t for t in complete if set(space) <= set(t.params)]
         if len(sampled) >= 2:
             # PED-ANOVA (Optuna's default from 4.x on, named here so older versions need no scikit-learn either)
@@ -463,8 +462,8 @@ def write_study_report(study, base: Config, space: Mapping[str, Dimension], resu
             ax = optuna.visualization.matplotlib.plot_param_importances(
                 study, evaluator=evaluator, params=list(space), target_name=result.metric
             )
-            result.importance = _save_figure(ax.figure, out / "importance.png")
-            plt.close(ax.figure)
+            ax.figure.tight_layout()
+            result.importance = save_figure(ax.figure, out / "importance.png")
         else:
             result.notes.append(f"parameter importance needs two completed sampled trials ({len(sampled)} so far)")
     return result
@@ -473,17 +472,3 @@ def write_study_report(study, base: Config, space: Mapping[str, Dimension], resu
 def _cell(value: Any) -> str:
     """A sampled value as a table shows it: floats to 4 significant digits (best.yaml keeps them whole)."""
     return f"{value:.4g}" if isinstance(value, float) else flow(value)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # two workers finishing together never leave half a file
-
-
-def _save_figure(fig, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
-    return path

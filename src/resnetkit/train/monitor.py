@@ -199,12 +199,9 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)  # a viewer refreshing curves.png never sees a half-written file
-    return path
+    from resnetkit.evaluation.figures import save_figure
+
+    return save_figure(fig, path)  # atomic: a viewer refreshing curves.png never sees a half-written file
 
 
 class RunLogger:
