@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -140,7 +141,7 @@ def large_photo_rows(data: Path, tmp: Path, large: int) -> list[tuple]:
                     f"{ours_rate / peer_rate:.2f}x torchvision",
                 )
             )
-            print(rows[-2], rows[-1], flush=True)
+            print(f"{rows[-1][0]}: {rows[-1][4]}", file=sys.stderr, flush=True)  # progress
     return rows
 
 

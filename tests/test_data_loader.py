@@ -265,3 +265,28 @@ def test_the_consumer_keeps_its_threads(shapes_loader):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+ABANDON = """
+import multiprocessing, sys
+from resnetkit.data import build_loader
+root = sys.argv[1]
+for _ in range(2):  # abandon a pass mid-epoch (a budget stop, max_steps, Ctrl-C), twice, then start another loader
+    loader = build_loader(root, "train", preset="imagenet", batch_size=2, train=True, device="cpu", workers=2)
+    next(iter(loader))
+    loader.close()
+    assert not multiprocessing.active_children(), multiprocessing.active_children()
+print(sum(len(y) for _, y in build_loader(root, "val", preset="imagenet", batch_size=4, train=False, workers=2)))
+"""
+
+
+def test_an_abandoned_pass_shuts_its_workers_down_without_tracebacks(tmp_path):
+    import subprocess
+    import sys
+
+    _png_folder(tmp_path / "data", size=40)
+    done = subprocess.run(
+        [sys.executable, "-c", ABANDON, str(tmp_path / "data")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["12"] and "Traceback" not in done.stderr and "Error" not in done.stderr
