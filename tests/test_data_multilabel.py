@@ -22,7 +22,7 @@ def test_shapes_multi_items_boxes_masks_agree():
         image, target = ds[i]
         assert image.dtype == torch.uint8 and image.shape == (3, 64, 64)
         assert target.dtype == torch.float32 and target.shape == (10,)
-        assert torch.flatnonzero(target).tolist() == ds.label_sets[i]
+        assert torch.nonzero(target).flatten().tolist() == ds.label_sets[i]
         boxes, labels, mask = ds.boxes(i), ds.box_labels(i), ds.mask(i)
         assert boxes.dtype == torch.float32 and boxes.shape == (len(labels), 4)
         assert labels.dtype == torch.int64 and sorted(labels.tolist()) == ds.label_sets[i]  # different classes
@@ -116,7 +116,7 @@ def test_cifar10_mosaics_of_real_jpegs(cifar10_jpg, tmp_path):
             assert ds.label_sets[i] == sorted({ds.classes.index(p.split("/")[-2]) for p in paths})
     image, target = train[0]
     assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
-    assert torch.flatnonzero(target).tolist() == train.label_sets[0]
+    assert torch.nonzero(target).flatten().tolist() == train.label_sets[0]
     tile = train.source.load(train.tiles[0][3])  # the bottom-right tile, decoded by the one decoder
     assert torch.equal(image[:, 32:, 32:], tile)
     again = build_dataset(f"cifar10-mosaic:{cifar10_jpg}:40", "train")

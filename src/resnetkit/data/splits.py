@@ -133,6 +133,9 @@ def write_lists(folder: str | os.PathLike, dataset, parts: dict[str, list[int]],
 
     folder = Path(folder)
     names = dataset.relative_paths()
+    for split in SPLIT_NAMES:  # a list from an earlier cut that this one lacks must not survive it
+        if split not in parts:
+            (folder / f"{split}.txt").unlink(missing_ok=True)
     for split, indices in parts.items():
         write_atomic(folder / f"{split}.txt", "".join(names[i] + "\n" for i in indices))
     sizes = {split: len(indices) for split, indices in parts.items()}
@@ -140,64 +143,61 @@ def write_lists(folder: str | os.PathLike, dataset, parts: dict[str, list[int]],
     return folder
 
 
-def read_list(folder: str | os.PathLike, split: str) -> tuple[Path, list[str]]:
-    path = Path(folder) / f"{split}.txt"
-    if not path.is_file():
-        made = sorted(p.stem for p in Path(folder).glob("*.txt"))
-        hint = " (set data.test_fraction for a test split)" if split == "test" else ""
-        raise FileNotFoundError(
-            f"{path} does not exist: the split lists in {folder} hold {', '.join(made) or 'nothing'}{hint}"
-        )
-    return path, [line for line in path.read_text().splitlines() if line.strip()]
-
-
-def select_listed(dataset, folder: str | os.PathLike, split: str) -> None:
-    """Keep the dataset's items named in <folder>/<split>.txt, in its order; names it lacks are one error."""
-    path, listed = read_list(folder, split)
-    index = {name: i for i, name in enumerate(dataset.relative_paths())}
-    missing = [(lineno, name) for lineno, name in enumerate(listed, 1) if name not in index]
-    if missing:
-        shown = "\n".join(f"  {path}:{lineno}: {name}" for lineno, name in missing[:20])
-        more = f"\n  ... ({len(missing)} in all)" if len(missing) > 20 else ""
-        raise ValueError(f"{len(missing)} images of the split list {path} are not in the dataset:\n{shown}{more}")
-    dataset.select([index[name] for name in listed])
-    dataset.listed_split = split
-
-
 def prepare_splits(cfg, run_dir: str | os.PathLike, *, resume: bool, write: bool):
-    """The config with `data.splits` naming <run_dir>/splits, whose lists `data.val_fraction` (and test_fraction)
-    made from the whole dataset, seeded with `cfg.seed`; lists already there are reused (a resumed run sees the same
-    images). Without val_fraction the config comes back unchanged. Only the `write` process (rank 0) writes."""
+    """The config with `data.splits` naming the split lists `data.val_fraction` (and test_fraction) cut from the
+    dataset, stratified and seeded with `cfg.seed`. Without val_fraction the config comes back unchanged.
+
+    Lists that `data.splits` already names, made from the same dataset with the same fractions (a comparison's shared
+    lists, or a config copied from another run), are kept whatever the seed: the runs see the same images. Otherwise
+    the lists are <run_dir>/splits, made once and reused (a resumed run sees the same images; a resume whose config
+    would cut them differently is refused). Only the `write` process (rank 0) writes.
+    """
     d = cfg.data
     if d.val_fraction is None:
         return cfg
-    from resnetkit.data.datasets import build_dataset
-
-    folder = (Path(run_dir) / "splits").resolve()
     info = {"dataset": d.name, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction or 0.0}
+    if d.splits and _made_with(Path(d.splits), info, ("dataset", "val_fraction", "test_fraction")):
+        return cfg
     info["seed"] = cfg.seed
+    folder = (Path(run_dir) / "splits").resolve()
     made = folder / "split.json"
     if made.is_file():
         before = json.loads(made.read_text())
         changed = [k for k in info if before.get(k) != info[k]]
         if changed and resume:
             raise ValueError(
-                f"--resume: {made} was made with "
+                f"--resume: the split lists {folder} were cut with "
                 + ", ".join(f"{k}={before.get(k)!r}" for k in changed)
                 + f" but the config says {', '.join(f'{k}={info[k]!r}' for k in changed)}"
             )
-        if not changed:
-            write = False  # reuse the lists
+        write = write and bool(changed)  # the same lists: reuse them
     if write:
-        whole = build_dataset(d.name, "train", **dataset_options(d, whole=True))
+        from resnetkit.data.datasets import build_dataset
+
+        whole = build_dataset(d.name, "train", **dataset_options(d, task=cfg.task, whole=True))
+        if not hasattr(whole, "relative_paths"):
+            raise ValueError(
+                f"data.val_fraction splits image files (a folder of class folders, a CSV listing), not {d.name}"
+            )
         write_lists(folder, whole, split_parts(whole, d.val_fraction, d.test_fraction or 0.0, cfg.seed), info)
     return dataclasses.replace(cfg, data=dataclasses.replace(d, splits=str(folder)))
 
 
-def dataset_options(data: Any, checkpoint: str | os.PathLike | None = None, *, whole: bool = False) -> dict:
+def _made_with(folder: Path, info: dict[str, Any], keys: Sequence[str]) -> bool:
+    made = folder / "split.json"
+    if not made.is_file():
+        return False
+    before = json.loads(made.read_text())
+    return all(before.get(k) == info[k] for k in keys)
+
+
+def dataset_options(
+    data: Any, checkpoint: str | os.PathLike | None = None, *, task: str | None = None, whole: bool = False
+) -> dict:
     """build_dataset's keyword arguments (root, splits, the CSV columns) from a DataConfig or a checkpoint's
-    config["data"] dict. A checkpoint's split lists are looked up where the config says, else beside the checkpoint
-    (a run folder that was moved). whole: the dataset before any split lists (what the lists are made from)."""
+    config["data"] dict (task: the config's task; "multilabel" reads a listing's labels as sets). A checkpoint's split
+    lists are looked up where its config says, else beside the checkpoint (a run folder that was moved). whole: the
+    dataset before any split lists (what the lists are cut from)."""
 
     def get(key: str, default=None):
         return data.get(key, default) if isinstance(data, dict) else getattr(data, key, default)
@@ -205,9 +205,11 @@ def dataset_options(data: Any, checkpoint: str | os.PathLike | None = None, *, w
     options: dict[str, Any] = {"root": get("root")}
     columns = {
         key: get(key)
-        for key in ("path_column", "label_column", "split_column", "label_separator", "class_columns", "multilabel")
-        if get(key) not in (None, False)
+        for key in ("path_column", "label_column", "split_column", "label_separator", "class_columns")
+        if get(key) is not None
     }
+    if get("multilabel") or task == "multilabel":
+        columns["multilabel"] = True
     if columns:
         options["columns"] = columns
     splits = get("splits")

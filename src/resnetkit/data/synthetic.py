@@ -226,12 +226,28 @@ def multi_layout(index: int, seed: int = 0, split: str = "train") -> list[tuple[
     return placed
 
 
+def _inside(polygon: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Which points (N, 2) lie inside the polygon (M, 2) (even-odd rule)."""
+    x, y = points[:, 0:1], points[:, 1:2]
+    x0, y0 = polygon[:, 0], polygon[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    crosses = (y0 > y) != (y1 > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        at = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+    return (crosses & (x < at)).sum(1) % 2 == 1
+
+
 def multi_boxes(layout: list[tuple[int, float, float, float, float]], size: int) -> np.ndarray:
-    """Each shape's box (K, 4) as x0, y0, x1, y1 in pixels: the extent of its outline, within the image."""
+    """Each shape's box (K, 4) as x0, y0, x1, y1 in pixels: the extent of what is drawn (the outline less any hole:
+    a crescent's box is narrower than its disc's), within the image."""
     boxes = np.empty((len(layout), 4), dtype=np.float32)
     for k, (label, cx, cy, r, angle) in enumerate(layout):
-        outline = np.asarray(_polygon(SHAPE_CLASSES[label], cx * size, cy * size, r * size, angle)[0])
-        boxes[k] = [*outline.min(0), *outline.max(0)]
+        outer, *holes = (np.asarray(p) for p in _polygon(SHAPE_CLASSES[label], cx * size, cy * size, r * size, angle))
+        edge = [outer]
+        for hole in holes:
+            edge = [e[~_inside(hole, e)] for e in edge] + [hole[_inside(outer, hole)]]
+        points = np.concatenate(edge)
+        boxes[k] = [*points.min(0), *points.max(0)]
     return np.clip(boxes, 0, size)
 
 
