@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnetkit.config import config_from_dict
 from resnetkit.data import build_dataset, build_loader
-from resnetkit.data.splits import write_lists
+from resnetkit.data.splits import prepare_splits, write_lists
 from resnetkit.data.transforms import IMAGENET_MEAN
 
 
@@ -95,6 +96,12 @@ def test_multilabel_csv_separator_and_class_columns(cifar10_jpg, tmp_path):
     write_lists(tmp_path / "lists", cols, {"train": list(range(0, 20, 2)), "val": [1, 3]}, {})
     val = build_dataset(onehot, "val", splits=tmp_path / "lists")
     assert val.relative_paths() == [rows[1][0], rows[3][0]] and val.label_sets == [cols.label_sets[1]] * 2
+    # data.val_fraction on a listing without a split column: multi-label rows stratified by their labels.
+    cfg = config_from_dict({"data": {"name": str(onehot), "val_fraction": 0.2}})
+    cfg = prepare_splits(cfg, tmp_path / "run", resume=False, write=True)
+    val = build_dataset(onehot, "val", splits=cfg.data.splits)
+    assert len(val) == 4 and sorted(c for s in val.label_sets for c in s) == [0, 0, 1, 1]  # 2 animals, 2 vehicles
+    assert (tmp_path / "run" / "splits" / "val.txt").read_text().startswith("img/")  # relative to the listing
 
 
 def test_bad_rows_are_reported_together_with_their_lines(cifar10_jpg, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from resnetkit.checkpoint import load_checkpoint
@@ -181,3 +182,28 @@ def test_balanced_plan_shards_across_ranks_and_weights_multilabel_by_rarest_labe
     assert Counter(groups[i] for i in order.tolist()) == {0: 15, 1: 15, 2: 15}
     # Each rank gets every other draw of the same epoch order (22 each, 20 in full batches), disjoint positions.
     assert torch.equal(ranks[0], order[0::2][:20]) and torch.equal(ranks[1], order[1::2][:20])
+
+
+def test_compare_runs_share_one_set_of_split_lists(cifar10_jpg, tmp_path):
+    from resnetkit.study.compare import compare
+
+    flat = flat_cifar(cifar10_jpg, tmp_path / "flat", per_class=5)
+    base = {
+        "name": "cmp",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"name": "resnet20"},
+        "data": {"name": str(flat), "batch_size": 8, "workers": 0, "val_fraction": 0.2},
+        "optim": {"lr": 0.05},
+        "train": {"epochs": 1, "log_every_s": 60, "log_images": False},
+    }
+    base["data"]["cache_dir"] = str(tmp_path / "cache")
+    # Even runs that vary the seed see the same images: the lists are cut once, in the comparison's folder.
+    result = compare(config_from_dict(base), {"seed": [0, 1]}, quiet=True)
+    shared = (tmp_path / "runs" / "cmp-compare" / "splits").resolve()
+    assert (shared / "val.txt").read_text().count("\n") == 10
+    for run in result.runs:
+        saved = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+        assert saved["data"]["splits"] == str(shared) and not (run.run_dir / "splits").exists()
+        assert "40 train / 10 val images" in (run.run_dir / "train.log").read_text()
+    again = compare(config_from_dict(base), {"seed": [0, 1]}, quiet=True)  # the same recipe: both runs reused
+    assert [r.status for r in again.runs] == ["reused", "reused"]
