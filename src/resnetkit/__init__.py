@@ -19,6 +19,7 @@ __getattr__, __dir__, __all__ = attach(
         "list_models": "resnetkit.models",
         "load_weights": "resnetkit.models",
         "train": "resnetkit.train",
+        "train_folds": "resnetkit.train.folds",
         "load_config": "resnetkit.config",
         "compare": "resnetkit.study.compare",
         "tune": "resnetkit.study.tune",

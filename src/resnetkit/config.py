@@ -66,9 +66,10 @@ def _is_stages(value: str) -> bool:
 @dataclass
 class DataConfig:
     name: str = "shapes"
-    """A dataset name (shapes, shapes:N, cifar10, cifar100, cub200) or a path: an ImageFolder root, a CUB root, a
-    CIFAR folder; for detection also a COCO .json file or a folder of <split>.json files; for segmentation a folder
-    of <split>/images + <split>/masks or a VOC layout."""
+    """A dataset name (shapes, shapes:N, cifar10, cifar100, cub200, shapes-multi[:N], cifar10-mosaic:<cifar10-jpg
+    folder>[:N]) or a path: an ImageFolder root (train/ and val/ or test/, or class folders only, with val_fraction),
+    a CSV/TSV listing (.csv, .tsv), a CUB root, a CIFAR folder; for detection also a COCO .json file or a folder
+    of <split>.json files; for segmentation a folder of <split>/images + <split>/masks or a VOC layout."""
     root: str | None = None
     """Where a named dataset lives (e.g. ../shared/data/cifar10-jpg)."""
     preset: str = "cifar"
@@ -99,8 +100,43 @@ class DataConfig:
     cutmix_alpha: float = 0.0
     train_augment: bool = True
     """False: shuffled training batches without random augmentation (reproducible comparisons, e.g. DDP runs)."""
+    val_fraction: float | None = None
+    """Cut a validation split of this share (e.g. 0.2) from the training images, stratified by class (multi-label:
+    iterative stratification) and seeded by `seed`: for a folder of class folders without train/, a CSV without a
+    split column, or any dataset's training split. The lists go to <run>/splits/ and `data.splits` names them."""
+    test_fraction: float | None = None
+    """With val_fraction: also cut a test split of this share (what `resnetkit eval --split test` reads)."""
+    splits: str | None = None
+    """A folder of split lists (train.txt, val.txt, test.txt: image paths relative to the dataset, one a line) that
+    choose each split's images; set by the engine for val_fraction and by `train --folds`, or given by hand."""
+    sampler: str = "none"
+    """Training order: "none" (each image once per epoch) or "balanced" (each class drawn equally often per epoch;
+    multi-label: each image counted under its rarest label), deterministic from (seed, epoch), resumable."""
+    path_column: str | None = None
+    """CSV/TSV listings: the column of image paths (relative to the file); None: path, image, file, filename..."""
+    label_column: str | None = None
+    """CSV/TSV listings: the column of labels; None: label or labels."""
+    split_column: str | None = None
+    """CSV/TSV listings: the column of splits (train, val, test); None: split, if there is one."""
+    label_separator: str | None = None
+    """CSV/TSV multi-label listings: what separates the labels of one cell; None: ; or | or , where used, else
+    whitespace."""
+    class_columns: list[str] | None = None
+    """CSV/TSV listings: one 0/1 column per class (multi-label); [] takes every column but the path and split."""
 
     def __post_init__(self) -> None:
+        _check_choice("data.sampler", self.sampler, ("none", "balanced"))
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            if value is not None and not 0 < value < 1:
+                raise ConfigError(f"data.{key}: must be in (0, 1), got {value}")
+        if self.test_fraction is not None and self.val_fraction is None:
+            raise ConfigError("data.test_fraction needs data.val_fraction (the validation share of the same images)")
+        if (self.val_fraction or 0) + (self.test_fraction or 0) >= 1:
+            raise ConfigError(
+                f"data.val_fraction + data.test_fraction must leave training images, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
         if self.batch_size < 1 or (self.workers is not None and self.workers < 0):
             raise ConfigError(
                 f"data.batch_size must be >= 1 and data.workers >= 0, got {self.batch_size}, {self.workers}"
@@ -363,6 +399,10 @@ class Config:
             )
         if self.task != "detection" and self.data.class_agnostic:
             raise ConfigError("data.class_agnostic applies to detection (task: detection)")
+        if self.task in ("detection", "segmentation"):
+            for key, unset in (("val_fraction", None), ("splits", None), ("sampler", "none")):
+                if getattr(self.data, key) != unset:
+                    raise ConfigError(f"data.{key} applies to classification, not to task {self.task!r}")
 
     @property
     def run_dir(self) -> Path:

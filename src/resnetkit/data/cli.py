@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_stats)
 
     s = data_sub.add_parser("info", help="the splits, classes and image counts of a dataset")
-    s.add_argument("source", help="shapes, cifar10, cifar100, cub200, or a dataset folder")
+    s.add_argument(
+        "source", help="shapes, cifar10, cifar100, cub200, shapes-multi, cifar10-mosaic:PATH, a dataset folder or a CSV"
+    )
     s.add_argument("--root", default=None, help="where named datasets live (default: $RESNETKIT_DATA)")
     s.set_defaults(func=cmd_info)
 
@@ -39,25 +41,33 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from collections import Counter
+    from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
 
-    from resnetkit.data.datasets import build_dataset
+    from resnetkit.data.datasets import build_dataset, is_flat_folder
+    from resnetkit.data.splits import label_sets_of
 
     splits = {}
     for split in ("train", "test"):
         try:
             splits[split] = build_dataset(args.source, split, root=args.root)
-        except FileNotFoundError:
-            if split == "train":
+        except (FileNotFoundError, ValueError):
+            if split != "train":
+                continue
+            if not is_flat_folder(Path(args.source)):
                 raise
-    first = splits["train"]
-    table = Table(title=f"{args.source}: {type(first).__name__}, {len(first.classes)} classes")
+            # A folder of class folders: every image (data.val_fraction splits it when training).
+            splits["all"] = build_dataset(args.source, "train", root=args.root, whole=True)
+    first = next(iter(splits.values()))
+    kind = "multi-label " if getattr(first, "multilabel", False) else ""
+    table = Table(title=f"{args.source}: {type(first).__name__}, {len(first.classes)} classes {kind}".rstrip())
     table.add_column("class")
     for split in splits:
         table.add_column(split, justify="right")
-    counts = {split: Counter(ds.targets) for split, ds in splits.items()}
+    # Images per class (multi-label: images holding the label).
+    counts = {split: Counter(c for labels in label_sets_of(ds) for c in labels) for split, ds in splits.items()}
     for i, name in enumerate(first.classes):
         table.add_row(name, *(f"{counts[s][i]:,}" for s in splits))
     table.add_section()

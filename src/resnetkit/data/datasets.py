@@ -14,6 +14,7 @@ reported once with their paths, or raise under `strict` (see `BadImageError`).
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import logging
 import os
@@ -31,6 +32,7 @@ log = logging.getLogger("resnetkit.data")
 BUILTIN = ("shapes", "cifar10", "cifar100", "cub200")
 SPLITS = ("train", "val", "test")
 SHAPES_SIZES = {"train": 10_000, "test": 2_000}
+SHAPES_MULTI_SIZES = {"train": 5_000, "val": 1_000, "test": 1_000}
 
 
 class SkippedSample:
@@ -97,15 +99,23 @@ class _FileDataset(torch.utils.data.Dataset):
             img = F.resize(img, self.image_size, antialias=True)
         return img
 
+    def target(self, index: int):
+        """Sample `index`'s target: its label (a multi-hot row for a multi-label dataset)."""
+        return self.samples[index][1]
+
     def __getitem__(self, index: int):
-        path, label = self.samples[index]
+        path = self.samples[index][0]
         try:
             img = self.load(index)
         except BadImageError as e:
             if self.strict:
                 raise
             return SkippedSample(path, e.reason)
-        return (self.transform(img) if self.transform else img), label
+        return (self.transform(img) if self.transform else img), self.target(index)
+
+    def relative_paths(self) -> list[str]:
+        """Each sample's path relative to the dataset's root: how split lists name it."""
+        return [Path(os.path.relpath(path, self.root)).as_posix() for path, _ in self.samples]
 
     def select(self, indices: Sequence[int]) -> None:
         """Keep only these samples, in this order (a subset)."""
@@ -162,6 +172,177 @@ class ImageFolder(_FileDataset):
             if not files:
                 raise ValueError(f"class folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
             self.samples += [(path, label) for path in files]
+
+
+PATH_COLUMNS = ("path", "image", "file", "filename", "filepath", "image_path")
+LABEL_COLUMNS = ("label", "labels")
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+CSV_COLUMN_KEYS = ("path_column", "label_column", "split_column", "label_separator", "class_columns")
+
+
+class CsvListing(_FileDataset):
+    """Images listed in a CSV or TSV file: a column of paths (relative to the file), the label or labels, and
+    optionally a split column (train, val or valid or validation, test).
+
+    columns: path_column (default: the first of path, image, file, filename, filepath, image_path), label_column
+    (default label or labels), split_column (default split; absent: one split, to be cut by data.val_fraction),
+    multilabel, label_separator (multi-label labels in one column; default: ";" or "|" or "," where a cell holds
+    one, else whitespace), class_columns (one 0/1 column per class; [] or unset with no label column: every other
+    column). Class columns make the listing multi-label. Classes are those of every row, in sorted order (class
+    columns: in column order), so all splits share them. Every bad row of the file (a missing image, an unknown
+    split, an empty label, a class cell not 0 or 1) is reported in one error naming the file and line.
+    split None: every row (the collection a split list is cut from).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        split: str | None = "train",
+        transform: Callable | None = None,
+        *,
+        columns: dict | None = None,
+        strict: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        image_size: int | None = None,
+    ):
+        import csv
+
+        super().__init__(transform, strict, max_pixels, image_size)
+        self.path = Path(path)
+        self.root = self.path.parent  # paths in the listing are relative to it
+        opts = dict(columns or {})
+        delimiter = "\t" if self.path.suffix.lower() == ".tsv" else ","
+        with open(self.path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f, delimiter=delimiter))
+        if not rows or not any(cell.strip() for cell in rows[0]):
+            raise ValueError(f"{self.path}: empty listing (expected a header row naming its columns)")
+        header = [h.strip() for h in rows[0]]
+        lower = {h.lower(): i for i, h in enumerate(header)}
+
+        def column(key: str, default: Sequence[str], required: bool) -> int | None:
+            name = opts.get(key)
+            if name is not None:
+                if name not in header:
+                    raise ValueError(
+                        f"{self.path}: data.{key} {name!r} is not a column{_closest_of(name, header)}; "
+                        f"columns: {', '.join(header)}"
+                    )
+                return header.index(name)
+            for candidate in default:
+                if candidate in lower:
+                    return lower[candidate]
+            if required:
+                raise ValueError(
+                    f"{self.path}: no {key.removesuffix('_column')} column (looked for {', '.join(default)}); "
+                    f"columns: {', '.join(header)}; set data.{key}"
+                )
+            return None
+
+        path_col = column("path_column", PATH_COLUMNS, True)
+        split_col = column("split_column", ("split",), False)
+        class_columns = opts.get("class_columns")
+        label_col = None
+        if class_columns is None:
+            label_col = column("label_column", LABEL_COLUMNS, opts.get("label_column") is not None)
+        if label_col is None:  # one 0/1 column per class: those named, or every other column
+            used = {path_col, split_col}
+            names = list(class_columns) if class_columns else [h for i, h in enumerate(header) if i not in used]
+            unknown = [n for n in names if n not in header]
+            if unknown or not names:
+                raise ValueError(
+                    f"{self.path}: no label column ({', '.join(LABEL_COLUMNS)}) and no class columns"
+                    + (f" ({', '.join(unknown)} are not columns)" if unknown else "")
+                    + f"; columns: {', '.join(header)}; set data.label_column or data.class_columns"
+                )
+            class_cols = [header.index(n) for n in names]
+        self.multilabel = bool(opts.get("multilabel")) or label_col is None
+        separator = opts.get("label_separator")
+
+        problems: list[str] = []
+        entries: list[tuple[str, str, list[str] | list[int]]] = []  # (path, split, labels)
+        for lineno, row in enumerate(rows[1:], 2):
+            if not any(cell.strip() for cell in row):
+                continue
+            where = f"{self.path}:{lineno}"
+            if len(row) != len(header):
+                problems.append(f"{where}: {len(row)} fields, the header has {len(header)}")
+                continue
+            rel = row[path_col].strip()
+            if not rel:
+                problems.append(f"{where}: empty {header[path_col]!r}")
+                continue
+            if not (self.root / rel).is_file():
+                problems.append(f"{where}: image {rel!r} not found (looked for {self.root / rel})")
+            row_split = "train"
+            if split_col is not None:
+                value = row[split_col].strip().lower()
+                row_split = SPLIT_ALIASES.get(value, "")
+                if not row_split:
+                    problems.append(
+                        f"{where}: unknown split {row[split_col]!r} in column {header[split_col]!r} "
+                        f"(expected train, val, valid, validation or test)"
+                    )
+            if label_col is not None:
+                cell = row[label_col].strip()
+                labels = _split_labels(cell, separator) if self.multilabel else [cell] if cell else []
+                if not labels:
+                    problems.append(f"{where}: empty label in column {header[label_col]!r}")
+            else:
+                bad = [header[c] for c in class_cols if row[c].strip() not in ("0", "1", "0.0", "1.0")]
+                if bad:
+                    shown = ", ".join(f"{c}={row[header.index(c)]!r}" for c in bad)
+                    problems.append(f"{where}: class columns must hold 0 or 1, got {shown}")
+                labels = [k for k, c in enumerate(class_cols) if row[c].strip() in ("1", "1.0")]
+            entries.append((str(self.root / rel), row_split, labels))
+        if problems:
+            shown = "\n".join(f"  {p}" for p in problems[:50])
+            more = f"\n  ... ({len(problems)} problems in all)" if len(problems) > 50 else ""
+            raise ValueError(f"{self.path}: {len(problems)} bad row(s):\n{shown}{more}")
+        if label_col is None:
+            self.classes = [header[c] for c in class_cols]
+            index = {name: k for k, name in enumerate(self.classes)}
+            entries = [(p, sp, [self.classes[k] for k in labels]) for p, sp, labels in entries]
+        else:
+            self.classes = sorted({name for _, _, labels in entries for name in labels})
+            index = {name: k for k, name in enumerate(self.classes)}
+        self.has_splits, self.split = split_col is not None, split
+        chosen = [e for e in entries if split is None or e[1] == split]
+        if not chosen:
+            present = sorted({e[1] for e in entries})
+            raise ValueError(
+                f"{self.path} has no rows of split {split!r} (its splits: {', '.join(present)}); "
+                "set data.val_fraction to cut a validation split from the training rows"
+            )
+        self.label_sets = [sorted(index[name] for name in labels) for _, _, labels in chosen]
+        self.samples = [(p, ls[0] if not self.multilabel else -1) for (p, _, _), ls in zip(chosen, self.label_sets)]
+
+    @property
+    def targets(self) -> list[int]:
+        if self.multilabel:
+            raise AttributeError("a multi-label listing has label_sets, not targets")
+        return [label for _, label in self.samples]
+
+    def target(self, index: int):
+        return multi_hot(self.label_sets[index], len(self.classes)) if self.multilabel else self.samples[index][1]
+
+    def select(self, indices: Sequence[int]) -> None:
+        super().select(indices)
+        self.label_sets = [self.label_sets[i] for i in indices]
+
+    def cache_key(self) -> str:
+        return hashlib.sha1((super().cache_key() + repr(self.label_sets)).encode()).hexdigest()
+
+
+def _split_labels(cell: str, separator: str | None) -> list[str]:
+    if separator is None:
+        separator = next((s for s in ";|," if s in cell), None)
+    parts = cell.split(separator) if separator else cell.split()
+    return sorted({p.strip() for p in parts if p.strip()})
+
+
+def _closest_of(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class CIFAR(torch.utils.data.Dataset):
@@ -454,6 +635,199 @@ class Shapes(torch.utils.data.Dataset):
         return images, labels
 
 
+def multi_hot(label_set: Sequence[int], num_classes: int) -> torch.Tensor:
+    """A float32 (C,) row with 1 at each class index of `label_set`."""
+    row = torch.zeros(num_classes, dtype=torch.float32)
+    row[list(label_set)] = 1.0
+    return row
+
+
+class ShapesMulti(torch.utils.data.Dataset):
+    """`shapes-multi`: 1 to 4 built-in shapes of different classes per image (see `synthetic.multi_layout`), for
+    multi-label classification, detection and segmentation alike. Items are (uint8 (3, H, W), float32 multi-hot
+    (C,)); `boxes(i)` (K, 4) xyxy pixels, `box_labels(i)` (K,) class indices and `mask(i)` (H, W) int64 (class + 1,
+    0 background) describe the same shapes. Everything is deterministic from (seed, split, index)."""
+
+    multilabel = True
+
+    def __init__(
+        self,
+        split: str = "train",
+        image_size: int = 64,
+        num_samples: int | None = None,
+        seed: int = 0,
+        transform: Callable | None = None,
+    ):
+        from resnetkit.data.synthetic import SHAPE_CLASSES, multi_layout
+
+        self.split, self.image_size, self.seed, self.transform = split, image_size, seed, transform
+        self.num_samples = SHAPES_MULTI_SIZES[split] if num_samples is None else num_samples
+        self.classes = list(SHAPE_CLASSES)
+        self.indices = list(range(self.num_samples))  # the images of the split this dataset holds, in order
+        self.layouts = [multi_layout(i, seed, split) for i in self.indices]
+        self.label_sets = [sorted(shape[0] for shape in layout) for layout in self.layouts]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def select(self, indices: Sequence[int]) -> None:
+        """Keep only these samples, in this order (a subset)."""
+        self.indices = [self.indices[i] for i in indices]
+        self.layouts = [self.layouts[i] for i in indices]
+        self.label_sets = [self.label_sets[i] for i in indices]
+
+    def _render(self, index: int):
+        if not 0 <= index < len(self.indices):
+            raise IndexError(f"shapes-multi {self.split}: index {index} out of range ({len(self.indices)} images)")
+        return _render_multi_cached(self.indices[index], self.image_size, self.seed, self.split)
+
+    def load(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self._render(index)[0].copy()).permute(2, 0, 1).contiguous()
+
+    def boxes(self, index: int) -> torch.Tensor:
+        from resnetkit.data.synthetic import multi_boxes
+
+        return torch.from_numpy(multi_boxes(self.layouts[index], self.image_size))
+
+    def box_labels(self, index: int) -> torch.Tensor:
+        return torch.tensor([shape[0] for shape in self.layouts[index]], dtype=torch.int64)
+
+    def mask(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self._render(index)[3].copy())
+
+    def target(self, index: int) -> torch.Tensor:
+        return multi_hot(self.label_sets[index], len(self.classes))
+
+    def __getitem__(self, index: int):
+        img = self.load(index)
+        return (self.transform(img) if self.transform else img), self.target(index)
+
+    def cache_key(self) -> str:
+        from resnetkit.data.synthetic import GENERATOR_VERSION
+
+        chosen = hashlib.sha1(repr(self.indices).encode()).hexdigest()[:12]
+        return f"shapes-multi-v{GENERATOR_VERSION}-{self.split}-{self.image_size}-{self.seed}-{chosen}"
+
+    def uint8_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images as uint8 (N, 3, H, W) and their multi-hot rows (N, C)."""
+        images = torch.stack([self.load(i) for i in range(len(self))])
+        return images, torch.stack([self.target(i) for i in range(len(self))])
+
+
+@functools.lru_cache(maxsize=64)
+def _render_multi_cached(index: int, image_size: int, seed: int, split: str):
+    """One rendering serves an item's image and its mask (a task asks for both); callers copy what they keep."""
+    from resnetkit.data.synthetic import render_multi
+
+    return render_multi(index, image_size, seed, split)
+
+
+class CifarMosaic(torch.utils.data.Dataset):
+    """2 x 2 mosaics of real CIFAR-10 images (a cifar10-jpg tree: train/<class>/*.jpg, test/<class>/*.jpg), labelled
+    with the set of their tiles' classes: a multi-label dataset of real photos. Training mosaics are cut from the
+    train split, val and test mosaics from the test split (as `build_dataset` reads val of that tree).
+
+    Mosaic i takes the tiles 4i .. 4i+3 of a seeded permutation of the source images (a fresh permutation each time
+    the images run out), so each image is used once per len(source) // 4 mosaics. Items are (uint8 (3, 64, 64) or
+    image_size, float32 multi-hot (C,)); tiles are read by the one decoder (through the ImageFolder).
+    """
+
+    multilabel = True
+    TILE = 32
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        num_samples: int | None = None,
+        seed: int = 0,
+        transform: Callable | None = None,
+        *,
+        strict: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        image_size: int | None = None,
+    ):
+        self.root, self.split, self.seed, self.transform = Path(root), split, seed, transform
+        train = self.root / "train"  # every split's labels in the training split's class order
+        classes = sorted(e.name for e in os.scandir(train) if e.is_dir()) if train.is_dir() else None
+        self.source = ImageFolder(split_folder(self.root, split), classes=classes, strict=True, max_pixels=max_pixels)
+        self.strict = strict
+        self.classes = list(self.source.classes)
+        self.image_size = image_size or 2 * self.TILE
+        n_source = len(self.source)
+        if n_source < 4:
+            raise ValueError(f"{self.source.root}: a mosaic needs at least 4 images, found {n_source}")
+        self.num_samples = n_source // 4 if num_samples is None else num_samples
+        stream = 0 if split == "train" else 1  # val and test are both the test split's mosaics
+        perms: dict[int, np.ndarray] = {}
+        tiles = np.empty((self.num_samples, 4), dtype=np.int64)
+        for i in range(self.num_samples):
+            for k in range(4):
+                p, j = divmod(4 * i + k, n_source)
+                if p not in perms:
+                    perms[p] = np.random.default_rng([seed, stream, p]).permutation(n_source)
+                tiles[i, k] = perms[p][j]
+        self.tiles = tiles.tolist()
+        self.label_sets = [sorted({self.source.samples[t][1] for t in row}) for row in self.tiles]
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def select(self, indices: Sequence[int]) -> None:
+        """Keep only these samples, in this order (a subset)."""
+        self.tiles = [self.tiles[i] for i in indices]
+        self.label_sets = [self.label_sets[i] for i in indices]
+
+    def paths(self, index: int) -> list[str]:
+        return [self.source.samples[t][0] for t in self.tiles[index]]
+
+    def load(self, index: int) -> torch.Tensor:
+        """The mosaic (3, H, W): tiles 0 1 over 2 3, each resized to 32 x 32 if it is not; raises BadImageError."""
+        from torchvision.transforms.v2 import functional as F
+
+        tiles = []
+        for t in self.tiles[index]:
+            tile = self.source.load(t)
+            if tuple(tile.shape[-2:]) != (self.TILE, self.TILE):
+                tile = F.resize(tile, [self.TILE, self.TILE], antialias=True)
+            tiles.append(tile)
+        img = torch.cat([torch.cat(tiles[:2], 2), torch.cat(tiles[2:], 2)], 1)
+        if self.image_size != 2 * self.TILE:
+            img = F.resize(img, [self.image_size, self.image_size], antialias=True)
+        return img
+
+    def target(self, index: int) -> torch.Tensor:
+        return multi_hot(self.label_sets[index], len(self.classes))
+
+    def __getitem__(self, index: int):
+        try:
+            img = self.load(index)
+        except BadImageError as e:
+            if self.strict:
+                raise
+            return SkippedSample(e.path, e.reason)
+        return (self.transform(img) if self.transform else img), self.target(index)
+
+    def cache_key(self) -> str:
+        h = hashlib.sha1(b"cifar10-mosaic")
+        for row in self.tiles:
+            for t in row:
+                path = self.source.samples[t][0]
+                st = os.stat(path)
+                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(b"|")
+        h.update(repr((self.classes, self.image_size)).encode())
+        return h.hexdigest()
+
+    def uint8_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every mosaic decoded (threads: the decoder releases the GIL) as uint8 (N, 3, H, W) and multi-hot (N, C)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            images = list(pool.map(self.load, range(len(self))))
+        return torch.stack(images), torch.stack([self.target(i) for i in range(len(self))])
+
+
 def stratified_indices(targets: Sequence[int], n: int, seed: int = 0) -> list[int]:
     """n sample indices drawn without replacement, each class keeping its share (largest remainders get the
     leftover places), shuffled with `seed` within each class; returned in ascending order."""
@@ -513,10 +887,75 @@ def split_folder(root: Path, split: str) -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
+    if is_flat_folder(root):
+        raise FileNotFoundError(
+            f"{root} is a folder of class folders without a split (no {' or '.join(n + '/' for n in names)} "
+            "folder): set data.val_fraction (e.g. --set data.val_fraction=0.2, and data.test_fraction for a test "
+            "split) to split it, stratified and seeded; the lists are written to the run folder"
+        )
     raise FileNotFoundError(
         f"{root} has no {' or '.join(n + '/' for n in names)} folder (an image folder dataset "
         f"holds train/<class>/<image> and val/<class>/<image> or test/<class>/<image>)"
     )
+
+
+def is_flat_folder(root: Path) -> bool:
+    """root/<class>/<image> with no train/ folder: the classes are the folders themselves."""
+    if (root / "train").is_dir() or not root.is_dir():
+        return False
+    for entry in os.scandir(root):
+        if entry.is_dir() and not entry.name.startswith("."):
+            return any(os.path.splitext(f.name)[1].lower() in IMAGE_SUFFIXES for f in os.scandir(entry.path))
+    return False
+
+
+def read_list(folder: str | os.PathLike, split: str) -> tuple[Path, list[str]]:
+    """The split list <folder>/<split>.txt: its path and its names (paths relative to the dataset)."""
+    path = Path(folder) / f"{split}.txt"
+    if not path.is_file():
+        made = sorted(p.stem for p in Path(folder).glob("*.txt"))
+        hint = " (set data.test_fraction for a test split, or evaluate --split val)" if split == "test" else ""
+        raise FileNotFoundError(
+            f"{path} does not exist: the split lists in {folder} hold {', '.join(made) or 'nothing'}{hint}"
+        )
+    return path, [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def select_listed(dataset, folder: str | os.PathLike, split: str) -> None:
+    """Keep the dataset's items named in <folder>/<split>.txt (split lists, see `resnetkit.data.splits`), in its
+    order; names it lacks are one error."""
+    path, listed = read_list(folder, split)
+    index = {name: i for i, name in enumerate(dataset.relative_paths())}
+    missing = [(lineno, name) for lineno, name in enumerate(listed, 1) if name not in index]
+    if missing:
+        shown = "\n".join(f"  {path}:{lineno}: {name}" for lineno, name in missing[:20])
+        more = f"\n  ... ({len(missing)} in all)" if len(missing) > 20 else ""
+        raise ValueError(f"{len(missing)} images of the split list {path} are not in the dataset:\n{shown}{more}")
+    dataset.select([index[name] for name in listed])
+    dataset.listed_split = split
+
+
+def _mosaic_source(name: str, root: str | os.PathLike | None) -> tuple[Path, int | None]:
+    """`cifar10-mosaic:<path>[:N]` (or `cifar10-mosaic[:N]` with root=<path>) -> (the cifar10-jpg tree, N)."""
+    rest = name.removeprefix("cifar10-mosaic").removeprefix(":")
+    head, _, tail = rest.rpartition(":")
+    count = None
+    if tail.isdigit():
+        rest, count = head, int(tail)
+    elif rest.isdigit():
+        rest, count = "", int(rest)
+    if count is not None and count < 10:
+        raise ValueError(f"dataset {name!r}: N must be >= 10 training mosaics, e.g. cifar10-mosaic:PATH:2000")
+    if not rest and root is None:
+        raise ValueError(
+            f"dataset {name!r}: name the cifar10-jpg tree, e.g. cifar10-mosaic:../shared/data/cifar10-jpg (or set root)"
+        )
+    path = Path(rest or root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"dataset {name!r}: {path} is not a folder (expected a cifar10-jpg tree: train/, test/)"
+        )
+    return path, count
 
 
 def build_dataset(
@@ -530,16 +969,61 @@ def build_dataset(
     image_size: int | None = None,
     crop_to_box: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    columns: dict | None = None,
+    splits: str | os.PathLike | None = None,
+    whole: bool = False,
 ) -> torch.utils.data.Dataset:
     """A dataset by name (`shapes`, `cifar10`, `cifar100`, `cub200`, looked up under `root`) or by path (an
     ImageFolder root with train/ and val/ or test/, a CUB-200-2011 root, or a CIFAR python-layout folder).
 
+    Multi-label (items carry float32 multi-hot rows, `.multilabel` is True, `.label_sets` lists each item's classes):
+    `shapes-multi` (5,000 / 1,000 / 1,000 images of 1-4 shapes, 64 px unless image_size; `shapes-multi:N` has N
+    training and N // 5 val and test images; with boxes and masks per item), and `cifar10-mosaic:<cifar10-jpg
+    tree>[:N]` (2 x 2 mosaics of the real JPEGs, 64 px; train from train/, val and test from test/).
+
     `shapes` has 10,000 training and 2,000 test images; `shapes:N` has N training and N // 5 test images (small
     runs and tests). `image_size`: the render size of shapes (default 32); for other datasets, resize the shorter side
     to it. `crop_to_box`: CUB only. Splits: train, val, test (val and test are the same for shapes, CIFAR and CUB).
+
+    A `.csv` or `.tsv` file lists images with their labels (`CsvListing`; `columns` names its columns: path_column,
+    label_column, split_column, label_separator, class_columns, multilabel). `splits`: a folder of split lists
+    (<split>.txt, paths relative to the dataset, as `resnetkit.data.splits` writes them for data.val_fraction and
+    train --folds): the split is the listed images, in order; a split without a list is the dataset's own. `whole`:
+    the collection such lists are cut from (a flat folder of class folders: every image; otherwise the train split).
     """
     split = _check_split(split)
     name = str(name_or_path)
+    if splits is not None:
+        options = dict(root=root, transform=transform, strict=strict, download=download, image_size=image_size)
+        options.update(crop_to_box=crop_to_box, max_pixels=max_pixels, columns=columns)
+        if (Path(splits) / f"{split}.txt").is_file():
+            dataset = build_dataset(name, "train", whole=True, **options)
+            select_listed(dataset, splits, split)
+            return dataset
+        try:
+            return build_dataset(name, split, **options)
+        except (FileNotFoundError, ValueError):  # the dataset has no such split of its own either
+            read_list(splits, split)  # raises, naming the lists there are
+            raise
+    if columns and not name.lower().endswith((".csv", ".tsv")):
+        used = [k for k in CSV_COLUMN_KEYS if columns.get(k) is not None]
+        if used:
+            raise ValueError(f"data.{used[0]} applies to a .csv or .tsv listing, not to {name}")
+    if name == "shapes-multi" or name.startswith("shapes-multi:"):
+        count = name.partition(":")[2]
+        if count and not (count.isdigit() and int(count) >= 10):
+            raise ValueError(
+                f"dataset {name!r}: write shapes-multi:N with N >= 10 training images, e.g. shapes-multi:2000"
+            )
+        num = None if not count else int(count) if split == "train" else max(10, int(count) // 5)
+        return ShapesMulti(split, image_size or 64, num_samples=num, transform=transform)
+    if name == "cifar10-mosaic" or name.startswith("cifar10-mosaic:"):
+        source, num = _mosaic_source(name, root)
+        if num is not None and split != "train":
+            num = max(10, num // 5)
+        return CifarMosaic(
+            source, split, num, transform=transform, strict=strict, max_pixels=max_pixels, image_size=image_size
+        )
     if name == "shapes" or name.startswith("shapes:"):
         count = name.partition(":")[2]
         if count and not (count.isdigit() and int(count) >= 10):
@@ -562,8 +1046,12 @@ def build_dataset(
             raise FileNotFoundError(
                 f"dataset path {path} does not exist and is not a built-in dataset name ({', '.join(BUILTIN)}){hint}"
             )
+        if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
+            return CsvListing(
+                path, split, transform, columns=columns, strict=strict, max_pixels=max_pixels, image_size=image_size
+            )
         if not path.is_dir():
-            raise ValueError(f"dataset path {path} is a file; expected a folder")
+            raise ValueError(f"dataset path {path} is a file; expected a folder, or a .csv or .tsv listing")
         kind = detect_kind(path)
     if crop_to_box and kind != "cub200":
         raise ValueError(f"crop_to_box applies to CUB-200-2011 only, not to {name}")
@@ -571,6 +1059,8 @@ def build_dataset(
         return CIFAR(path, kind, split, transform, download, image_size)
     if kind == "cub200":
         return CUB200(path, split, crop_to_box, transform, strict=strict, max_pixels=max_pixels, image_size=image_size)
+    if whole and is_flat_folder(path):
+        return ImageFolder(path, transform, strict=strict, max_pixels=max_pixels, image_size=image_size)
     classes = None
     if split != "train" and (path / "train").is_dir():
         classes = sorted(e.name for e in os.scandir(path / "train") if e.is_dir() and not e.name.startswith("."))

@@ -33,7 +33,7 @@ def default_cache_dir() -> Path:
 @dataclass
 class TensorData:
     images: torch.Tensor  # uint8 (N, 3, H, W)
-    labels: torch.Tensor  # int64 (N,)
+    labels: torch.Tensor  # int64 (N,), or float32 multi-hot rows (N, C) for a multi-label dataset
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     mean: list[float] | None = None  # per-channel statistics in [0, 1], measured once when the cache is built
@@ -64,17 +64,18 @@ def decode_files(dataset, strict: bool = False, threads: int | None = None) -> T
     with ThreadPoolExecutor(threads) as pool:
         decoded = list(pool.map(lambda i: _decode_checked(dataset, i, size), range(len(samples))))
     images, labels, skipped = [], [], []
-    for (path, label), img in zip(samples, decoded):
+    for i, ((path, _), img) in enumerate(zip(samples, decoded)):
         if isinstance(img, BadImageError):
             if strict:
                 raise img
             skipped.append((path, img.reason))
         else:
             images.append(img)
-            labels.append(label)
+            labels.append(dataset.target(i))
     if not images:
         raise ValueError(f"none of the {len(samples)} images of {getattr(dataset, 'root', 'the dataset')} is readable")
-    return TensorData(torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(dataset.classes), skipped)
+    targets = torch.stack(labels) if getattr(dataset, "multilabel", False) else torch.tensor(labels, dtype=torch.int64)
+    return TensorData(torch.stack(images), targets, list(dataset.classes), skipped)
 
 
 def load_tensors(dataset, cache_dir: str | os.PathLike | None = None, strict: bool = False) -> TensorData:
@@ -102,7 +103,8 @@ def load_tensors(dataset, cache_dir: str | os.PathLike | None = None, strict: bo
             return data
         except (CheckpointError, KeyError, OSError) as e:  # a damaged cache file: rebuild it
             log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, e)
-    if isinstance(dataset, Shapes):
+    if isinstance(dataset, Shapes) or hasattr(dataset, "uint8_tensors"):  # rendered, or mosaics of tiles
+        log.info("preparing %d images into the cache %s (once)", len(dataset), path)
         images, labels = dataset.uint8_tensors()
         data = TensorData(images, labels, list(dataset.classes))
     else:

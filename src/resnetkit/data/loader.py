@@ -29,8 +29,11 @@ import torch
 from resnetkit.data import fast
 from resnetkit.data.datasets import (
     CIFAR,
+    CifarMosaic,
+    CsvListing,
     ImageFolder,
     Shapes,
+    ShapesMulti,
     SkippedSample,
     build_dataset,
     report_skipped,
@@ -92,6 +95,43 @@ class Loader:
         self.epoch, self.position = 0, 0
         self._plan_epoch, self._plan = None, None
         self.augmenting = train
+        self.groups: list[torch.Tensor] | None = None  # class-balanced sampling: the indices of each group
+
+    def balance(self, label_sets: Sequence[Sequence[int]]) -> None:
+        """Class-balanced training order (data.sampler: balanced): each epoch still has num_samples draws, split
+        equally between the classes (the remainder to classes chosen at random), each class's draws cycling through
+        its images in a fresh seeded order. A multi-label image counts under its rarest label (the label with the
+        fewest images), images without labels form a group of their own. Deterministic from (seed, epoch), sharded
+        and resumed like the plain order, since it is the same plan."""
+        if not self.train:
+            raise ValueError("balanced sampling orders training batches; evaluation covers each sample once")
+        if len(label_sets) != self.num_samples:
+            raise ValueError(f"balance: {len(label_sets)} label sets for {self.num_samples} samples")
+        frequency: dict[int, int] = {}
+        for labels in label_sets:
+            for c in labels:
+                frequency[int(c)] = frequency.get(int(c), 0) + 1
+        groups: dict[int, list[int]] = {}
+        for i, labels in enumerate(label_sets):
+            key = min((int(c) for c in labels), key=lambda c: (frequency[c], c), default=-1)
+            groups.setdefault(key, []).append(i)
+        self.groups = [torch.tensor(groups[k], dtype=torch.int64) for k in sorted(groups)]
+        self._plan_epoch = None
+
+    def _epoch_order(self, g: torch.Generator) -> torch.Tensor:
+        """This epoch's num_samples sample indices in training order (the same on every rank)."""
+        n = self.num_samples
+        if self.groups is None:
+            return torch.randperm(n, generator=g)
+        k = len(self.groups)
+        draws = torch.full((k,), n // k, dtype=torch.int64)
+        draws[torch.randperm(k, generator=g)[: n % k]] += 1
+        picked = []
+        for group, count in zip(self.groups, draws.tolist()):
+            cycles = -(-count // len(group))
+            picked.append(torch.cat([group[torch.randperm(len(group), generator=g)] for _ in range(cycles)])[:count])
+        order = torch.cat(picked)
+        return order[torch.randperm(n, generator=g)]
 
     def set_augmentation(self, enabled: bool) -> None:
         """Turn training augmentation off (shuffled, sharded batches of evaluation-style images) or back on."""
@@ -106,7 +146,7 @@ class Loader:
                 # Every rank takes the same number of samples (the few left over change each epoch), and only full
                 # batches, so DDP ranks step together and BatchNorm never sees a batch of one.
                 per_rank = n // ws
-                mine = torch.randperm(n, generator=g)[self.rank :: ws][:per_rank]
+                mine = self._epoch_order(g)[self.rank :: ws][:per_rank]
                 full = per_rank // self.batch_size * self.batch_size or per_rank
                 batches = list(mine[:full].split(self.batch_size))
             else:
@@ -139,9 +179,16 @@ class Loader:
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
+            "sampler": "balanced" if self.groups is not None else "none",
         }
 
     def load_state_dict(self, state: dict) -> None:
+        sampler = "balanced" if self.groups is not None else "none"
+        if state.get("sampler", "none") != sampler:
+            raise ValueError(
+                f"loader state was saved with data.sampler={state.get('sampler', 'none')!r} but this loader has "
+                f"{sampler!r}: resume needs the same sampler"
+            )
         for key in ("num_samples", "batch_size", "world_size"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
@@ -322,9 +369,19 @@ class _PlanSampler(torch.utils.data.Sampler):
     def __iter__(self):
         loader = self.loader
         batches = loader.plan()
-        augmenting = loader.train and loader.augmenting
         for b in range(loader.position, len(batches)):
-            yield [(i, _mix(loader.seed, loader.epoch, i, 2) if augmenting else None) for i in batches[b].tolist()]
+            yield [(i, self.seed(b, j, i)) for j, i in enumerate(batches[b].tolist())]
+
+    def seed(self, b: int, j: int, index: int) -> int | None:
+        """Sample `index`'s augmentation seed, at place j of batch b: from (seed, epoch, index), so the number of
+        workers never changes a batch; under balanced sampling, which draws an image several times an epoch, from
+        its place in the plan, so every draw is augmented afresh."""
+        loader = self.loader
+        if not (loader.train and loader.augmenting):
+            return None
+        if loader.groups is not None:
+            return _mix(loader.seed, loader.epoch, loader.rank, b, j, 4)
+        return _mix(loader.seed, loader.epoch, index, 2)
 
     def __len__(self) -> int:
         return len(self.loader.plan()) - self.loader.position
@@ -483,8 +540,13 @@ def _dataset_stats(dataset, data: fast.TensorData | None, cache_dir, strict: boo
     """Normalisation statistics for the cifar preset: the dataset's own (its training split's), else ImageNet's."""
     if isinstance(dataset, CIFAR):
         return (CIFAR100_MEAN, CIFAR100_STD) if dataset.name == "cifar100" else (CIFAR10_MEAN, CIFAR10_STD)
-    if isinstance(dataset, Shapes):
+    if isinstance(dataset, (Shapes, ShapesMulti)):
         return SHAPES_MEAN, SHAPES_STD
+    if isinstance(dataset, CifarMosaic):  # tiles of CIFAR-10 images
+        return CIFAR10_MEAN, CIFAR10_STD
+    listed = getattr(dataset, "listed_split", getattr(dataset, "split", None))
+    if isinstance(dataset, (ImageFolder, CsvListing)) and listed == "train" and data is not None:
+        return data.mean, data.std  # a training split cut by split lists, or a listing's training rows
     if isinstance(dataset, ImageFolder) and data is not None:
         train = dataset if dataset.root.name == "train" else None
         if train is None and (dataset.root.parent / "train").is_dir():
@@ -515,6 +577,9 @@ def build_loader(
     download: bool = False,
     image_size: int | None = None,
     subset: int | None = None,
+    columns: dict | None = None,
+    splits: str | os.PathLike | None = None,
+    sampler: str = "none",
 ) -> Loader:
     """A Loader over a dataset named as in `build_dataset`.
 
@@ -523,19 +588,35 @@ def build_loader(
     DataLoader otherwise. `augment`: optional augmentations by name (trivialaugment, randaugment, autoaugment,
     colorjitter, erasing), applied only when training. Training batches are shuffled per epoch, sharded by
     rank/world_size, and full (the last partial batch is dropped); evaluation batches cover every sample once.
-    `subset`: a stratified, seeded subset of this many samples (`stratified_indices` with `seed`).
+    `subset`: a stratified, seeded subset of this many samples (`stratified_indices` with `seed`; multi-label:
+    iterative stratification). `columns`, `splits`: as `build_dataset` (CSV columns, split lists). `sampler`:
+    "none", or "balanced" (training only: `Loader.balance`). Targets are int64 labels, or float32 multi-hot rows
+    (C,) for a multi-label dataset (`dataset.multilabel`).
     """
+    if sampler not in ("none", "balanced"):
+        raise ValueError(f"sampler must be 'none' or 'balanced', got {sampler!r}")
     device = torch.device(device)
     augment = check_extras(augment)
     given = check_preprocess(preset) if isinstance(preset, dict) else None
     preset_name = given["preset"] if given else preset
-    dataset = build_dataset(name_or_path, split, root=root, strict=strict, download=download, image_size=image_size)
+    dataset = build_dataset(
+        name_or_path,
+        split,
+        root=root,
+        strict=strict,
+        download=download,
+        image_size=image_size,
+        columns=columns,
+        splits=splits,
+    )
     if subset is not None and subset < len(dataset):
-        dataset.select(stratified_indices(dataset.targets, subset, seed))
-    small = isinstance(dataset, (CIFAR, Shapes)) or (isinstance(dataset, ImageFolder) and fast_candidate(dataset))
+        dataset.select(subset_indices(dataset, subset, seed))
+    rendered = (CIFAR, Shapes, ShapesMulti, CifarMosaic)  # small images held or rendered in memory
+    files = isinstance(dataset, (ImageFolder, CsvListing))
+    small = isinstance(dataset, rendered) or (files and fast_candidate(dataset))
     if fast is None:
         fast = small and preset_name == "cifar"
-    elif fast and not (isinstance(dataset, (CIFAR, Shapes)) or hasattr(dataset, "samples")):
+    elif fast and not (isinstance(dataset, rendered) or hasattr(dataset, "samples")):
         raise ValueError(f"the fast pipeline cannot read {name_or_path}")
     if fast and preset_name != "cifar":
         raise ValueError(
@@ -552,7 +633,7 @@ def build_loader(
         if preset_name == "cifar":
             mean, std = _dataset_stats(dataset, data, cache_dir, strict)
         size = data.images.shape[-1] if data is not None and preset_name == "cifar" else None
-        if size is None and preset_name == "cifar" and isinstance(dataset, Shapes):
+        if size is None and preset_name == "cifar" and isinstance(dataset, (Shapes, ShapesMulti, CifarMosaic)):
             size = dataset.image_size
         preprocess = preprocess_info(preset_name, mean, std, input_size=size)
     common = dict(
@@ -565,9 +646,30 @@ def build_loader(
         world_size=world_size,
         augment=augment if train else (),
     )
-    if fast:
-        return TensorLoader(data, **common)
-    return FileLoader(dataset, workers=workers, **common)
+    loader = TensorLoader(data, **common) if fast else FileLoader(dataset, workers=workers, **common)
+    if sampler == "balanced" and train:
+        from resnetkit.data.splits import label_sets_of
+
+        # The tensor cache's rows are what is sampled (it leaves out unreadable files); else the dataset's items.
+        labels = data.labels if fast else None
+        if labels is None:
+            sets = label_sets_of(dataset)
+        elif labels.ndim == 2:
+            sets = [row.nonzero().flatten().tolist() for row in labels]
+        else:
+            sets = labels[:, None].tolist()
+        loader.balance(sets)
+    return loader
+
+
+def subset_indices(dataset, n: int, seed: int) -> list[int]:
+    """A stratified, seeded subset of n samples: per class (`stratified_indices`), or by iterative stratification
+    over the label sets of a multi-label dataset."""
+    if getattr(dataset, "multilabel", False):
+        from resnetkit.data.splits import stratified_subset
+
+        return stratified_subset(dataset.label_sets, len(dataset.classes), n, seed)
+    return stratified_indices(dataset.targets, n, seed)
 
 
 def fast_candidate(dataset) -> bool:

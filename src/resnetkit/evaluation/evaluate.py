@@ -63,11 +63,15 @@ def _label_map(data_classes: list[str], model_classes: list[str], data: str) -> 
     return torch.tensor([index[name] for name in data_classes])
 
 
-def _data_from_checkpoint(ckpt: dict, path: str) -> tuple[str, str | None]:
-    data_cfg = (ckpt.get("config") or {}).get("data") or {}
+def _data_from_checkpoint(ckpt: dict, path: str) -> tuple[str, dict[str, Any]]:
+    """The checkpoint's dataset and build_dataset's options for it: root, split lists, a listing's columns."""
+    from resnetkit.data.splits import dataset_options
+
+    config = ckpt.get("config") or {}
+    data_cfg = config.get("data") or {}
     if not data_cfg.get("name"):
         raise ValueError(f"{path} does not record its dataset (config.data.name): pass --data")
-    return data_cfg["name"], data_cfg.get("root")
+    return data_cfg["name"], dataset_options(data_cfg, path, task=config.get("task"))
 
 
 @torch.inference_mode()
@@ -114,6 +118,7 @@ def evaluate(
         raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta!r}")
     started = time.time()
     info: dict[str, Any] = {}
+    options: dict[str, Any] = {}
     if isinstance(source, nn.Module):
         model = source
         if preprocess is None:
@@ -134,16 +139,18 @@ def evaluate(
         if data is None:
             if bundle.checkpoint is None:
                 raise ValueError(f"{bundle.source} does not record its dataset: pass data")
-            data, root = _data_from_checkpoint(bundle.checkpoint, bundle.source)
+            data, options = _data_from_checkpoint(bundle.checkpoint, bundle.source)
         epoch = bundle.checkpoint.get("epoch") if bundle.checkpoint else None
         if bundle.kind == "weights":
             info.update(checkpoint=None, weights=bundle.source, model=bundle.name)
         else:
             info.update(checkpoint=bundle.source, model=bundle.name, epoch=epoch)
 
-    is_shapes = str(data) == "shapes" or str(data).startswith("shapes:")
+    is_shapes = str(data).partition(":")[0] in ("shapes", "shapes-multi")
     image_size = preprocess["input_size"] if is_shapes else None  # shapes renders at the trained size
-    dataset = build_dataset(data, split, root=root, transform=eval_transform_from(preprocess), image_size=image_size)
+    options = {"root": root, **options}  # the checkpoint's (its data) or the caller's root
+    transform = eval_transform_from(preprocess)
+    dataset = build_dataset(data, split, transform=transform, image_size=image_size, **options)
     classes = list(classes or dataset.classes)
     label_map = _label_map(dataset.classes, classes, str(data))
 

@@ -104,6 +104,7 @@ def compare(
     config: the base recipe (a Config or a YAML path, with `overrides` applied to a path as --set does).
     out: the comparison folder (default <output_dir>/<name>-compare); every run folder is inside it.
     """
+    from resnetkit.data.splits import prepare_splits
     from resnetkit.tasks import get_task
     from resnetkit.train.fit import train
     from resnetkit.train.loop import NonFiniteLoss
@@ -111,6 +112,8 @@ def compare(
     base = config if isinstance(config, Config) else load_config(config, list(overrides))
     out_dir = Path(out) if out is not None else Path(base.output_dir) / f"{base.name}-compare"
     base = with_values(base, {"output_dir": str(out_dir)})
+    # data.val_fraction: one set of split lists for every run (whatever a run varies, the seed too).
+    base = prepare_splits(base, out_dir, resume=False, write=True)
     metric = base.train.metric or get_task(base.task).metric
     result = Comparison(out_dir, metric)
     for variant in variants(base, vary):

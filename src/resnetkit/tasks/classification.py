@@ -25,6 +25,7 @@ class ClassificationTask(Task):
 
     def build_loaders(self, cfg: Config, info: DistInfo):
         from resnetkit.data import build_loader
+        from resnetkit.data.splits import dataset_options
 
         self.cfg = cfg
         d = cfg.data
@@ -37,8 +38,8 @@ class ClassificationTask(Task):
             world_size=info.world_size,
             fast=d.fast,
             cache_dir=d.cache_dir,
-            root=d.root,
             image_size=d.image_size,
+            **dataset_options(d, task=cfg.task),  # root, split lists, a listing's columns
         )
         train_loader = build_loader(
             d.name,
@@ -48,6 +49,7 @@ class ClassificationTask(Task):
             preset=d.preset,
             augment=tuple(d.augment),
             subset=d.subset,
+            sampler=d.sampler,
             **common,
         )
         train_loader.set_augmentation(d.train_augment)

@@ -253,9 +253,13 @@ class _Run:
             )
 
     def run(self) -> RunResult:
-        cfg, info = self.cfg, self.info
-        t = cfg.train
+        from resnetkit.data.splits import prepare_splits
+
+        info = self.info
         self._check_run_dir()
+        # data.val_fraction: the split lists in <run>/splits (made once, reused on resume), named by data.splits.
+        cfg = self.cfg = prepare_splits(self.cfg, self.run_dir, resume=self.resume, write=info.is_main)
+        t = cfg.train
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
