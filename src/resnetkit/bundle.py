@@ -39,6 +39,7 @@ class Bundle:
     named_classes: False when the class names are made-up indices ("0", "1", ...) for a head nothing names.
     kind: "checkpoint" (a training checkpoint), "export" (an exported file) or "weights" (a zoo name with weights).
     checkpoint: the training checkpoint it came from (None for exports and bare weights).
+    temperature: the classifier's temperature (`resnetkit calibrate`): probabilities are softmax(logits / T).
     """
 
     model: nn.Module | Callable
@@ -52,6 +53,7 @@ class Bundle:
     checkpoint: dict[str, Any] | None = field(default=None, repr=False)
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
     model_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
+    temperature: float = 1.0
 
     @property
     def module(self) -> nn.Module:
@@ -155,6 +157,7 @@ def _from_checkpoint(path: Path, use_ema: bool) -> Bundle:
         kind="checkpoint",
         checkpoint=ckpt,
         model_kwargs=ckpt["model_kwargs"],
+        temperature=float(ckpt.get("temperature", 1.0)),
     )
 
 
@@ -197,6 +200,7 @@ def _from_weights(name: str, weights: str | None, preset: str | None) -> Bundle:
         named_classes=named,
         kind="weights",
         model_kwargs={"num_classes": num_classes},
+        temperature=float(ckpt.get("temperature", 1.0)),
     )
 
 
@@ -248,6 +252,7 @@ def _metadata_bundle(model, meta: dict[str, Any], path: Path) -> Bundle:
         kind="export",
         metadata=meta,
         model_kwargs=meta.get("model_kwargs") or {},
+        temperature=float(meta.get("temperature", 1.0)),
     )
 
 

@@ -240,6 +240,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         bundle.classes,
         model_name=bundle.name,
         model_kwargs=bundle.model_kwargs,
+        temperature=bundle.temperature,
         tolerance=args.tolerance,
     )
     print(report.summary())
@@ -270,6 +271,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             model_name=bundle.name,
             model_kwargs=bundle.model_kwargs,
+            temperature=bundle.temperature,
             progress=bar.update,
         )
     print(report.summary())

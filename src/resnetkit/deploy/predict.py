@@ -25,7 +25,8 @@ class Predictor:
     """A classifier ready for images: `predict(images, top_k)` -> per image, the top-k (class name, probability).
 
     Images are uint8 RGB tensors (3, H, W) as `decode_image` gives them; the bundle's evaluation transform turns
-    them into the model's input.
+    them into the model's input. Probabilities are softmax(logits / T) with the bundle's temperature T (1 unless
+    `resnetkit calibrate` fitted one).
     """
 
     def __init__(self, bundle: Bundle) -> None:
@@ -37,6 +38,7 @@ class Predictor:
         self.transform = bundle.transform
         self.classes = list(bundle.classes)
         self.name = bundle.name
+        self.temperature = float(bundle.temperature)
 
     @property
     def device(self) -> torch.device:
@@ -54,9 +56,9 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities (N, classes) of a preprocessed batch."""
+        """Softmax probabilities (N, classes) of a preprocessed batch, at the bundle's temperature."""
         logits = torch.as_tensor(self.model(batch.to(self.device)))
-        return logits.float().softmax(dim=1).cpu()
+        return (logits.float() / self.temperature).softmax(dim=1).cpu()
 
     def top_indices(self, probs: torch.Tensor, k: int = 5) -> list[list[tuple[int, float]]]:
         """Per row of `probs`, the k most likely (class index, probability), most likely first."""

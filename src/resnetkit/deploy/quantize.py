@@ -205,6 +205,7 @@ def quantize_from_images(
     batch_size: int = 64,
     model_name: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    temperature: float = 1.0,
     threads: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> QuantizeReport:
@@ -243,7 +244,14 @@ def quantize_from_images(
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         export = export_model(
-            model, fp32_path, "onnx", preprocess, classes, model_name=model_name, model_kwargs=model_kwargs
+            model,
+            fp32_path,
+            "onnx",
+            preprocess,
+            classes,
+            model_name=model_name,
+            model_kwargs=model_kwargs,
+            temperature=temperature,
         )
         quantize_onnx(fp32_path, out_path, calibration, method=method, fp32_ends=fp32_ends)
         fp32_ort = OnnxRuntimeModel(fp32_path, threads=threads)

@@ -429,6 +429,7 @@ def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Modu
             "num_classes": len(predictor.classes),
             "input_size": predictor.input_size,
             "preprocess": predictor.preprocess,
+            "temperature": predictor.temperature,
             "backend": config.backend,
             "version": __version__,
             "max_batch": config.max_batch,
@@ -475,7 +476,7 @@ def _explain(model: nn.Module, predictor: Predictor, image) -> dict[str, Any]:
 
     x = predictor.to_tensor([image])
     with torch.no_grad():
-        probs = model(x).float().softmax(1)[0]
+        probs = (model(x).float() / predictor.temperature).softmax(1)[0]
     index = int(probs.argmax())
     heat = gradcam(model, x, class_idx=index)[0]
     view = _model_view(to_pil(image), predictor.preprocess)

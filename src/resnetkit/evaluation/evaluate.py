@@ -71,12 +71,13 @@ def _data_from_checkpoint(ckpt: dict, path: str) -> tuple[str, str | None]:
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, tta: str | None) -> torch.Tensor:
-    """Logits, or with tta="flip" the log of the softmax averaged over the image and its mirror image."""
-    logits = model(images)
+def predict_logits(model: nn.Module, images: torch.Tensor, tta: str | None, temperature: float = 1.0) -> torch.Tensor:
+    """Logits / temperature, or with tta="flip" the log of softmax(logits / temperature) averaged over the image and
+    its mirror image."""
+    logits = model(images) / temperature
     if tta is None:
         return logits
-    probs = (logits.float().softmax(1) + model(images.flip(-1)).float().softmax(1)) / 2
+    probs = (logits.float().softmax(1) + (model(images.flip(-1)) / temperature).float().softmax(1)) / 2
     return probs.log()
 
 
@@ -114,6 +115,7 @@ def evaluate(
         raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta!r}")
     started = time.time()
     info: dict[str, Any] = {}
+    temperature = 1.0  # a calibrated bundle's T: loss, ECE and the reliability diagram are those of predict's output
     if isinstance(source, nn.Module):
         model = source
         if preprocess is None:
@@ -128,7 +130,7 @@ def evaluate(
         bundle = source if isinstance(source, Bundle) else load_bundle(source, use_ema=use_ema)
         if bundle.task != "classification":
             raise ValueError(f"{bundle.source} is a {bundle.task} model: evaluate it with evaluate_task")
-        model = bundle.model
+        model, temperature = bundle.model, bundle.temperature
         classes = classes or (bundle.classes if bundle.named_classes else None)
         preprocess = preprocess or bundle.preprocess
         if data is None:
@@ -168,7 +170,7 @@ def evaluate(
         for images, labels, bad in loader:
             skipped += bad
             if len(labels):
-                logits = predict_logits(model, images.to(device, non_blocking=True), tta)
+                logits = predict_logits(model, images.to(device, non_blocking=True), tta, temperature)
                 metrics.update(logits, label_map[labels], images)
             bar.update(1)
     if isinstance(model, nn.Module):
@@ -179,6 +181,7 @@ def evaluate(
         "data": str(data),
         "split": split,
         "tta": tta,
+        "temperature": temperature,
         "num_classes": len(classes),
         "classes": classes,
         "preprocess": preprocess,

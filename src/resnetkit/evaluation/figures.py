@@ -109,9 +109,9 @@ def plot_confusion_matrix(confusion: list[list[int]], classes: list[str], path: 
     return save_figure(fig, path)
 
 
-def plot_reliability(calibration: list[dict[str, Any]], ece: float, path: str | Path) -> Path:
+def plot_reliability(calibration: list[dict[str, Any]], ece: float, path: str | Path, title: str = "") -> Path:
     """Reliability diagram: accuracy against confidence per bin (a perfectly calibrated model lies on the
-    diagonal), the gap shaded, and below it how many samples fall in each bin."""
+    diagonal), the gap shaded, and below it how many samples fall in each bin. `title` goes before the ECE."""
     plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.0), height_ratios=(3, 1), sharex=True, layout="constrained")
     lower = np.array([b["lower"] for b in calibration])
@@ -147,7 +147,7 @@ def plot_reliability(calibration: list[dict[str, Any]], ece: float, path: str | 
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
-    top.set_title(f"reliability diagram: ECE {ece * 100:.2f}%")
+    top.set_title(f"{title or 'reliability diagram'}: ECE {ece * 100:.2f}%")
     top.legend(loc="upper left", fontsize=8)
     top.grid(alpha=0.3)
     bottom.bar(lower, count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)

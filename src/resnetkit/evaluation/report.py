@@ -5,8 +5,9 @@ Markdown twin.
 
 The report shows the recipe and resolved config, the training curves and learning-rate schedule (curves.png and
 metrics.jsonl written by training), the final metrics with the per-class table, the confusion matrix, the
-reliability diagram, the misclassified grid, the environment and the wall time. It evaluates best.pt first
-(into RUN_DIR/eval/) unless eval/eval.json is already there.
+reliability diagram (before and after temperature scaling too, once `resnetkit calibrate` has written
+RUN_DIR/calibration/), the misclassified grid, the environment and the wall time. It evaluates best.pt first (into
+RUN_DIR/eval/) unless eval/eval.json is already there.
 """
 
 from __future__ import annotations
@@ -123,11 +124,14 @@ def gather_run(run_dir: str | Path, evaluate_if_missing: bool = True, **eval_kwa
         curves = eval_dir / "curves.png"
     config_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
     train_seconds = sum(float(r.get("epoch_time_s", 0.0)) for r in rows)
+    calibration = _read_calibration(run / "calibration" / "calibration.json")
     figures = {
         "curves": curves if curves.is_file() else None,
         "confusion": eval_dir / "confusion_matrix.png",
         "reliability": eval_dir / "reliability.png",
         "misclassified": eval_dir / "misclassified.png",
+        "reliability_before": run / "calibration" / "reliability_before.png",
+        "reliability_after": run / "calibration" / "reliability_after.png",
     }
     return {
         "name": run.name,
@@ -136,11 +140,41 @@ def gather_run(run_dir: str | Path, evaluate_if_missing: bool = True, **eval_kwa
         "recipe": _recipe(config_text),
         "rows": rows,
         "eval": result,
+        "calibration": calibration,
         "figures": {k: v for k, v in figures.items() if v is not None and v.is_file()},
         "train_seconds": train_seconds,
         "environment": environment(),
         "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def _read_calibration(path: Path) -> dict[str, Any] | None:
+    """calibration.json of `resnetkit calibrate` (None when the run was never calibrated)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+
+
+def _calibration_rows(c: dict[str, Any]) -> list[tuple[str, str, str]]:
+    before, after = c["before"], c["after"]
+    return [
+        ("temperature", f"{before['temperature']:.4g}", f"{after['temperature']:.4g}"),
+        ("expected calibration error", _pct(before["ece"]), _pct(after["ece"])),
+        ("negative log-likelihood", f"{before['nll']:.4f}", f"{after['nll']:.4f}"),
+        ("top-1 accuracy", _pct(before["top1"]), _pct(after["top1"])),
+    ]
+
+
+def _calibration_note(c: dict[str, Any], evaluated_at: float) -> str:
+    """Which images the temperature was fitted on, which checkpoint holds it, and the T of the final metrics."""
+    return (
+        f"Temperature scaling (resnetkit calibrate) fitted on {c['data']} [{c['split']}], {c['num_samples']:,} "
+        f"images, written into {c['checkpoint']}. The final metrics above were evaluated at temperature "
+        f"{evaluated_at:.4g}."
+    )
 
 
 def _recipe(config_text: str | None) -> list[tuple[str, str]]:
@@ -283,6 +317,7 @@ def render_html(info: dict[str, Any]) -> str:
         image("confusion", "confusion matrix"),
         "<h2>Calibration</h2>",
         image("reliability", "reliability diagram"),
+        *_calibration_html(info, image),
         "<h2>Most confidently misclassified</h2>",
         image("misclassified", "misclassified images"),
         "<h2>Environment and time</h2>",
@@ -298,6 +333,19 @@ def render_html(info: dict[str, Any]) -> str:
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _calibration_html(info: dict[str, Any], image) -> list[str]:
+    c = info.get("calibration")
+    if not c:
+        return []
+    return [
+        "<h3>Before and after temperature scaling</h3>",
+        f"<p>{html.escape(_calibration_note(c, info['eval'].get('temperature', 1.0)))}</p>",
+        table_html(_calibration_rows(c), ("", "before", "after")),
+        image("reliability_before", "reliability diagram before temperature scaling"),
+        image("reliability_after", "reliability diagram after temperature scaling"),
+    ]
 
 
 def table_md(rows: Sequence[Sequence[Any]], header: Sequence[str] = ("", "")) -> str:
@@ -375,6 +423,21 @@ def render_markdown(info: dict[str, Any], base: Path) -> str:
         "",
         image("reliability", "reliability diagram"),
         "",
+    ]
+    if info.get("calibration"):
+        c = info["calibration"]
+        lines += [
+            "### Before and after temperature scaling",
+            "",
+            _calibration_note(c, r.get("temperature", 1.0)),
+            "",
+            table_md(_calibration_rows(c), ("", "before", "after")),
+            "",
+            image("reliability_before", "reliability before temperature scaling"),
+            image("reliability_after", "reliability after temperature scaling"),
+            "",
+        ]
+    lines += [
         "## Most confidently misclassified",
         "",
         image("misclassified", "misclassified images"),

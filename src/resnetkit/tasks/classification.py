@@ -28,18 +28,6 @@ class ClassificationTask(Task):
 
         self.cfg = cfg
         d = cfg.data
-        eval_batch = d.eval_batch_size or 2 * d.batch_size
-        common = dict(
-            device=info.device,
-            seed=cfg.seed,
-            workers=d.workers,
-            rank=info.rank,
-            world_size=info.world_size,
-            fast=d.fast,
-            cache_dir=d.cache_dir,
-            root=d.root,
-            image_size=d.image_size,
-        )
         train_loader = build_loader(
             d.name,
             d.train_split,
@@ -48,25 +36,31 @@ class ClassificationTask(Task):
             preset=d.preset,
             augment=tuple(d.augment),
             subset=d.subset,
-            **common,
+            **_loader_options(cfg, info),
         )
         train_loader.set_augmentation(d.train_augment)
-        # Validation images are prepared exactly as the checkpoint will say: the training loader's preprocess.
-        # val_split "" trains without validation (as for detection and segmentation), e.g. an lr range test.
-        val_batch = max(eval_batch // info.world_size, 1)
-        val_loader = None
-        if d.val_split:
-            val_loader = build_loader(
-                d.name, d.val_split, batch_size=val_batch, train=False, preset=train_loader.preprocess, **common
-            )
         self.classes = list(train_loader.classes)
         self.preprocess = dict(train_loader.preprocess)
+        # val_split "" trains without validation (as for detection and segmentation), e.g. an lr range test.
+        val_loader = self.eval_loader(cfg, d.val_split, info) if d.val_split else None
         self.mix = None
         if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
             from resnetkit.data import mixup_cutmix
 
             self.mix = mixup_cutmix
         return train_loader, val_loader
+
+    def eval_loader(self, cfg: Config, split: str, info: DistInfo):
+        """The loader of `split` as validation reads it (training's validation and `resnetkit calibrate`): images
+        prepared exactly as the checkpoint says (`self.preprocess`, the training loader's), each sample once across
+        ranks. Set `self.cfg`, `self.classes` and `self.preprocess` first (build_loaders does)."""
+        from resnetkit.data import build_loader
+
+        d = cfg.data
+        batch = max((d.eval_batch_size or 2 * d.batch_size) // info.world_size, 1)
+        return build_loader(
+            d.name, split, batch_size=batch, train=False, preset=self.preprocess, **_loader_options(cfg, info)
+        )
 
     def build_model(self, cfg: Config, load_weights: bool):
         from resnetkit.models import create_model
@@ -114,6 +108,22 @@ class ClassificationTask(Task):
         return evaluate_loss_acc(
             model, loader, device=device, amp=t.amp, channels_last=t.channels_last, flip=t.eval_flip
         )
+
+
+def _loader_options(cfg: Config, info: DistInfo) -> dict[str, Any]:
+    """What the training and evaluation loaders of a recipe share."""
+    d = cfg.data
+    return dict(
+        device=info.device,
+        seed=cfg.seed,
+        workers=d.workers,
+        rank=info.rank,
+        world_size=info.world_size,
+        fast=d.fast,
+        cache_dir=d.cache_dir,
+        root=d.root,
+        image_size=d.image_size,
+    )
 
 
 @torch.no_grad()

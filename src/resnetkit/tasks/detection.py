@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -425,10 +426,13 @@ def load_detection_data(
 def coco_map(
     targets: list[dict[str, torch.Tensor]], predictions: list[dict[str, torch.Tensor]], classes: list[str] | None = None
 ) -> dict[str, float]:
-    """COCO box AP with pycocotools: {"map": AP@[.5:.95], "map50": AP@.5, "map75": AP@.75, "map_small", ...}.
+    """COCO box AP with pycocotools: {"map": AP@[.5:.95], "map50": AP@.5, "map75": AP@.75, "map_small", ...,
+    "per_class_ap": {class name: AP@[.5:.95]}}.
 
     targets[i]: "boxes" (K, 4) x1 y1 x2 y2 and "labels"; predictions[i]: "boxes", "scores", "labels" for the same
-    image. Areas (for small/medium/large) are the boxes' areas.
+    image. Areas (for small/medium/large) are the boxes' areas. `per_class_ap` names every label 1..len(classes)
+    (or every label seen, without `classes`); a class with no ground-truth box has None (COCO leaves it out of the
+    mean), and mAP is the mean of the others.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -471,8 +475,13 @@ def coco_map(
     keys = ["map", "map50", "map75", "map_small", "map_medium", "map_large"]
     if not gt["annotations"]:
         raise ValueError("no ground-truth boxes to evaluate against")
+    named = sorted(set(names) | set(labels))
+    with_boxes = {int(v) for t in targets for v in t["labels"]}
     if not dets:
-        return dict.fromkeys(keys, 0.0)
+        return {
+            **dict.fromkeys(keys, 0.0),
+            "per_class_ap": {names.get(c, str(c)): 0.0 if c in with_boxes else None for c in named},
+        }
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and table
         coco_gt = COCO()
         coco_gt.dataset = gt
@@ -483,7 +492,18 @@ def coco_map(
         ev.accumulate()
         ev.summarize()
     # -1 marks "no ground truth in this area range": report 0 there rather than a negative AP.
-    return {k: max(float(v), 0.0) for k, v in zip(keys, ev.stats[:6])}
+    result: dict[str, Any] = {k: max(float(v), 0.0) for k, v in zip(keys, ev.stats[:6])}
+    # precision: (IoU thresholds, recall thresholds, categories, area ranges, max dets); area "all", 100 detections,
+    # averaged over the IoU and recall thresholds as COCOeval.summarize does for one category (-1: no ground truth).
+    precision = ev.eval["precision"][:, :, :, 0, -1]
+    per_class: dict[str, float | None] = {}
+    for c in named:
+        k = ev.params.catIds.index(c) if c in ev.params.catIds else None
+        values = precision[:, :, k] if k is not None else np.full(1, -1.0)
+        values = values[values > -1]
+        per_class[names.get(c, str(c))] = float(values.mean()) if values.size else None
+    result["per_class_ap"] = per_class
+    return result
 
 
 @torch.no_grad()
