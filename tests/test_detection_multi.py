@@ -231,3 +231,100 @@ def test_cub_species_detection_trains_and_reports_ap_per_species(cub_root, tmp_p
     assert all(0.0 <= ap <= 1.0 for ap in evaluated["per_class_ap"].values())
     assert evaluated["map"] == pytest.approx(np.mean(list(evaluated["per_class_ap"].values())), abs=1e-9)
     assert all(name in printed for name in species) and "AP@[.5:.95]" in printed
+
+
+# ----------------------------------------------------------------------------- shapes-multi: detection, segmentation
+
+SMALL_DETECTION = {
+    "first_stage": 2,
+    "fpn_channels": 32,
+    "representation_size": 64,
+    "proposals_train": 50,
+    "proposals_test": 20,
+    "anchor_sizes": [16, 32, 64],
+    "rpn_batch_size": 32,
+    "roi_batch_size": 32,
+}
+
+
+def test_shapes_multi_detection_data_is_every_shape_with_its_class():
+    from resnetkit.data import SHAPE_CLASSES, build_dataset
+    from resnetkit.tasks.detection import load_detection_data
+
+    shapes = build_dataset("shapes-multi:20", "val", image_size=96)
+    data = load_detection_data("shapes-multi:20", "val", image_size=96)
+    assert len(data) == len(shapes) == 10 and data.classes == SHAPE_CLASSES
+    counts = []
+    for i in range(len(data)):
+        image, target = data[i]
+        assert image.shape == (3, 96, 96) and image.dtype == torch.float32
+        assert torch.equal(target["labels"], shapes.box_labels(i) + 1)  # 0 is the background
+        assert torch.equal(target["boxes"], shapes.boxes(i))
+        mask = shapes.mask(i)
+        for (x1, y1, x2, y2), label in zip(target["boxes"].tolist(), target["labels"].tolist()):
+            ys, xs = torch.nonzero(mask == label).unbind(1)  # the shape's pixels lie inside its box
+            assert len(xs) and x1 - 1 <= xs.min() and xs.max() <= x2 and y1 - 1 <= ys.min() and ys.max() <= y2
+        counts.append(len(target["labels"]))
+    assert max(counts) > 1  # several objects per image
+    agnostic = load_detection_data("shapes-multi:20", "val", image_size=96, class_agnostic=True)
+    assert agnostic.classes == ["shape"] and all(set(lab.tolist()) == {1} for lab in agnostic.labels)
+
+
+def test_shapes_multi_trains_a_detector_and_evaluates_it(tmp_path, capsys, one_thread):
+    from resnetkit.cli import main
+    from resnetkit.config import config_from_dict
+    from resnetkit.data import SHAPE_CLASSES
+    from resnetkit.train import train
+
+    cfg = {
+        "task": "detection",
+        "name": "det-shapes",
+        "output_dir": str(tmp_path),
+        "model": {"name": "resnet20"},
+        "data": {"name": "shapes-multi:20", "val_split": "val", "image_size": 96, "batch_size": 2, "workers": 0},
+        "optim": {"name": "adamw", "lr": 0.005},
+        "schedule": {"name": "cosine", "per": "step", "warmup": 1},
+        "train": {"epochs": 1, "max_steps": 3, "log_every_s": 60},
+        "detection": SMALL_DETECTION,
+    }
+    result = train(config_from_dict(cfg), quiet=True)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"train_loss", "train_loss_classifier", "val_map", "val_map50"} <= set(rows[-1])
+    assert main(["eval", "--checkpoint", str(result.last_checkpoint), "--workers", "0"]) == 0
+    evaluated = json.loads((result.run_dir / "eval" / "eval.json").read_text())
+    assert evaluated["split"] == "val" and evaluated["num_images"] == 10 and evaluated["classes"] == SHAPE_CLASSES
+    assert evaluated["map"] == pytest.approx(rows[-1]["val_map"])  # the same evaluation as training's validation
+    assert set(evaluated["per_class_ap"]) == set(SHAPE_CLASSES)
+    assert "circle" in capsys.readouterr().out
+
+
+def test_shapes_multi_trains_a_unet_and_evaluates_it(tmp_path, one_thread):
+    from resnetkit.config import config_from_dict
+    from resnetkit.data import SHAPE_CLASSES, build_dataset
+    from resnetkit.evaluation.evaluate import evaluate_task
+    from resnetkit.tasks.segmentation import segmentation_data
+    from resnetkit.train import train
+
+    data = segmentation_data("shapes-multi:20", "val", image_size=32)
+    shapes = build_dataset("shapes-multi:20", "val", image_size=32)
+    assert data.classes == ["background", *SHAPE_CLASSES]  # 11 classes: the shapes' and the background
+    assert torch.equal(data.labels[3], shapes.mask(3)) and torch.equal(data.images[3], shapes[3][0])
+    assert len({int(c) for c in data.labels.unique()}) > 3  # several classes' masks, not one per image
+    cfg = {
+        "task": "segmentation",
+        "name": "seg-shapes",
+        "output_dir": str(tmp_path),
+        "model": {"name": "resnet20"},
+        "data": {"name": "shapes-multi:20", "val_split": "val", "image_size": 32, "batch_size": 4},
+        "optim": {"name": "adamw", "lr": 1e-2},
+        "train": {"epochs": 1, "max_steps": 3, "log_every_s": 60, "log_images": False},
+        "segmentation": {"decoder_channels": 32},
+    }
+    result = train(config_from_dict(cfg), quiet=True)
+    ckpt = torch.load(result.last_checkpoint, weights_only=True)
+    assert ckpt["classes"] == ["background", *SHAPE_CLASSES] and ckpt["model_kwargs"]["num_classes"] == 11
+    evaluated = evaluate_task(result.last_checkpoint, split="val", out_dir=tmp_path / "eval")
+    assert evaluated["num_images"] == 10 and 0.0 <= evaluated["miou"] <= 1.0
+    assert list(evaluated["per_class_iou"]) == ["background", *SHAPE_CLASSES]
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert evaluated["miou"] == pytest.approx(rows[-1]["val_miou"])

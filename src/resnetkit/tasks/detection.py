@@ -45,6 +45,7 @@ __all__ = [
     "DetectionTask",
     "DetectorConfig",
     "ResNetFPNBackbone",
+    "ShapesMultiDetection",
     "coco_map",
     "create_detector",
     "detection_transform",
@@ -390,16 +391,58 @@ def read_cub(root: str | Path, split: str, class_agnostic: bool = False) -> Dete
     return DetectionDataset(paths, [b[None] for b in boxes], labels, classes, source=f"{root} ({split})")
 
 
+class ShapesMultiDetection(DetectionDataset):
+    """The built-in `shapes-multi` (`resnetkit.data.ShapesMulti`) as detection data: every shape of an image a box
+    labelled with its class (1..10), or with one class "shape" when class_agnostic. Images are rendered, not read:
+    `paths` are names ("shapes-multi/train/17") for reports."""
+
+    def __init__(self, shapes, class_agnostic: bool = False) -> None:
+        n = len(shapes)
+        boxes = [shapes.boxes(i) for i in range(n)]
+        if class_agnostic:
+            classes, labels = ["shape"], [torch.ones(len(b), dtype=torch.int64) for b in boxes]
+        else:
+            classes, labels = list(shapes.classes), [shapes.box_labels(i) + 1 for i in range(n)]
+        names = [Path(f"shapes-multi/{shapes.split}/{i}") for i in shapes.indices]
+        super().__init__(names, boxes, labels, classes, source=f"shapes-multi ({shapes.split})")
+        self.shapes = shapes
+
+    def select(self, indices) -> None:
+        indices = list(indices)
+        super().select(indices)
+        self.shapes.select(indices)
+
+    def read_image(self, i: int) -> torch.Tensor:
+        return self.shapes.load(i)
+
+
+def is_shapes_multi(name: str | Path) -> bool:
+    return str(name) == "shapes-multi" or str(name).startswith("shapes-multi:")
+
+
 def load_detection_data(
-    source: str | Path, split: str = "train", *, class_agnostic: bool = False, transform: v2.Transform | None = None
+    source: str | Path,
+    split: str = "train",
+    *,
+    class_agnostic: bool = False,
+    transform: v2.Transform | None = None,
+    image_size: int | None = None,
 ) -> DetectionDataset:
     """Open a detection dataset by what `source` is.
 
     - a COCO JSON file: the file is the split (images relative to its folder);
     - a folder holding `<split>.json` (COCO format; `val` and `test` stand in for each other), images relative to it;
-    - a CUB-200-2011 root (`bounding_boxes.txt`, `images.txt`, ...): split `train` or `test` (`val` means `test`).
-    class_agnostic applies to CUB (COCO files keep their categories).
+    - a CUB-200-2011 root (`bounding_boxes.txt`, `images.txt`, ...): split `train` or `test` (`val` means `test`);
+    - `shapes-multi` or `shapes-multi:N`: the built-in multi-shape images (train, val, test), every shape a box of
+      its class, rendered at `image_size` pixels (the task passes the detector's data.image_size; None: 64).
+    class_agnostic applies to CUB and shapes-multi (COCO files keep their categories).
     """
+    if is_shapes_multi(source):
+        from resnetkit.data import build_dataset
+
+        ds = ShapesMultiDetection(build_dataset(str(source), split, image_size=image_size), class_agnostic)
+        ds.transform = transform
+        return ds
     source = Path(source)
     if source.is_file():
         if source.suffix.lower() != ".json":
@@ -537,7 +580,9 @@ class DetectionTask(Task):
 
         self.cfg = cfg
         d = cfg.data
-        train_set = load_detection_data(d.name, d.train_split, class_agnostic=d.class_agnostic)
+        train_set = load_detection_data(
+            d.name, d.train_split, class_agnostic=d.class_agnostic, image_size=d.image_size or 512
+        )
         if d.subset is not None and d.subset < len(train_set):
             train_set.select(stratified_indices(train_set.targets, d.subset, cfg.seed))
         self.classes = list(train_set.classes)
@@ -549,7 +594,7 @@ class DetectionTask(Task):
     def eval_loader(self, cfg: Config, split: str, info):
         """The loader of `split` that `evaluate` reads (the classes must be the training split's)."""
         d = cfg.data
-        dataset = load_detection_data(d.name, split, class_agnostic=d.class_agnostic)
+        dataset = load_detection_data(d.name, split, class_agnostic=d.class_agnostic, image_size=d.image_size or 512)
         if dataset.classes != self.classes:
             raise ValueError(
                 f"{d.name} [{split}] has classes {dataset.classes[:5]}, the model {self.classes[:5]} "
