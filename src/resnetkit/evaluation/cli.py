@@ -118,6 +118,8 @@ def print_summary(result: dict, out: Path | None) -> None:
         ("ECE (15 bins)", _pct(result["ece"])),
         ("time", f"{result['seconds']:.1f} s on {result['device']}"),
     ]
+    if result.get("temperature", 1.0) != 1.0:  # a calibrated checkpoint: its loss and ECE are at this temperature
+        rows.insert(-1, ("temperature (calibrated)", f"{result['temperature']:.4g}"))
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -468,7 +468,7 @@ def load_detection_data(
 
 def coco_map(
     targets: list[dict[str, torch.Tensor]], predictions: list[dict[str, torch.Tensor]], classes: list[str] | None = None
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """COCO box AP with pycocotools: {"map": AP@[.5:.95], "map50": AP@.5, "map75": AP@.75, "map_small", ...,
     "per_class_ap": {class name: AP@[.5:.95]}}.
 
@@ -669,9 +669,10 @@ def _transform_for(augmenting: bool, image_size: int) -> v2.Transform:
 
 
 @torch.no_grad()
-def evaluate_detections(model: nn.Module, loader, progress=None) -> dict[str, float]:
+def evaluate_detections(model: nn.Module, loader, progress=None) -> dict[str, Any]:
     """COCO AP of `model` over a loader of (images, targets) (every rank its shard; gathered before scoring), via
-    pycocotools: map, map50, map75, map_small/medium/large, and the number of images."""
+    pycocotools: map, map50, map75, map_small/medium/large, per_class_ap (AP@[.5:.95] by class name), and the
+    number of images."""
     was_training = model.training
     model.eval()
     targets, predictions = [], []
