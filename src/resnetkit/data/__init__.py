@@ -12,7 +12,17 @@ __getattr__, __dir__, __all__ = attach(
     __name__,
     {
         **dict.fromkeys(
-            ["CIFAR", "CUB200", "ImageFolder", "Shapes", "SkippedSample", "build_dataset", "imagenet_classes"],
+            [
+                "CIFAR",
+                "CUB200",
+                "CifarMosaic",
+                "ImageFolder",
+                "Shapes",
+                "ShapesMulti",
+                "SkippedSample",
+                "build_dataset",
+                "imagenet_classes",
+            ],
             "resnetkit.data.datasets",
         ),
         **dict.fromkeys(

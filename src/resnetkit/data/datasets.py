@@ -14,6 +14,7 @@ reported once with their paths, or raise under `strict` (see `BadImageError`).
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import logging
 import os
@@ -31,6 +32,7 @@ log = logging.getLogger("resnetkit.data")
 BUILTIN = ("shapes", "cifar10", "cifar100", "cub200")
 SPLITS = ("train", "val", "test")
 SHAPES_SIZES = {"train": 10_000, "test": 2_000}
+SHAPES_MULTI_SIZES = {"train": 5_000, "val": 1_000, "test": 1_000}
 
 
 class SkippedSample:
@@ -454,6 +456,199 @@ class Shapes(torch.utils.data.Dataset):
         return images, labels
 
 
+def multi_hot(label_set: Sequence[int], num_classes: int) -> torch.Tensor:
+    """A float32 (C,) row with 1 at each class index of `label_set`."""
+    row = torch.zeros(num_classes, dtype=torch.float32)
+    row[list(label_set)] = 1.0
+    return row
+
+
+class ShapesMulti(torch.utils.data.Dataset):
+    """`shapes-multi`: 1 to 4 built-in shapes of different classes per image (see `synthetic.multi_layout`), for
+    multi-label classification, detection and segmentation alike. Items are (uint8 (3, H, W), float32 multi-hot
+    (C,)); `boxes(i)` (K, 4) xyxy pixels, `box_labels(i)` (K,) class indices and `mask(i)` (H, W) int64 (class + 1,
+    0 background) describe the same shapes. Everything is deterministic from (seed, split, index)."""
+
+    multilabel = True
+
+    def __init__(
+        self,
+        split: str = "train",
+        image_size: int = 64,
+        num_samples: int | None = None,
+        seed: int = 0,
+        transform: Callable | None = None,
+    ):
+        from resnetkit.data.synthetic import SHAPE_CLASSES, multi_layout
+
+        self.split, self.image_size, self.seed, self.transform = split, image_size, seed, transform
+        self.num_samples = SHAPES_MULTI_SIZES[split] if num_samples is None else num_samples
+        self.classes = list(SHAPE_CLASSES)
+        self.indices = list(range(self.num_samples))  # the images of the split this dataset holds, in order
+        self.layouts = [multi_layout(i, seed, split) for i in self.indices]
+        self.label_sets = [sorted(shape[0] for shape in layout) for layout in self.layouts]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def select(self, indices: Sequence[int]) -> None:
+        """Keep only these samples, in this order (a subset)."""
+        self.indices = [self.indices[i] for i in indices]
+        self.layouts = [self.layouts[i] for i in indices]
+        self.label_sets = [self.label_sets[i] for i in indices]
+
+    def _render(self, index: int):
+        if not 0 <= index < len(self.indices):
+            raise IndexError(f"shapes-multi {self.split}: index {index} out of range ({len(self.indices)} images)")
+        return _render_multi_cached(self.indices[index], self.image_size, self.seed, self.split)
+
+    def load(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self._render(index)[0].copy()).permute(2, 0, 1).contiguous()
+
+    def boxes(self, index: int) -> torch.Tensor:
+        from resnetkit.data.synthetic import multi_boxes
+
+        return torch.from_numpy(multi_boxes(self.layouts[index], self.image_size))
+
+    def box_labels(self, index: int) -> torch.Tensor:
+        return torch.tensor([shape[0] for shape in self.layouts[index]], dtype=torch.int64)
+
+    def mask(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self._render(index)[3].copy())
+
+    def target(self, index: int) -> torch.Tensor:
+        return multi_hot(self.label_sets[index], len(self.classes))
+
+    def __getitem__(self, index: int):
+        img = self.load(index)
+        return (self.transform(img) if self.transform else img), self.target(index)
+
+    def cache_key(self) -> str:
+        from resnetkit.data.synthetic import GENERATOR_VERSION
+
+        chosen = hashlib.sha1(repr(self.indices).encode()).hexdigest()[:12]
+        return f"shapes-multi-v{GENERATOR_VERSION}-{self.split}-{self.image_size}-{self.seed}-{chosen}"
+
+    def uint8_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images as uint8 (N, 3, H, W) and their multi-hot rows (N, C)."""
+        images = torch.stack([self.load(i) for i in range(len(self))])
+        return images, torch.stack([self.target(i) for i in range(len(self))])
+
+
+@functools.lru_cache(maxsize=64)
+def _render_multi_cached(index: int, image_size: int, seed: int, split: str):
+    """One rendering serves an item's image and its mask (a task asks for both); callers copy what they keep."""
+    from resnetkit.data.synthetic import render_multi
+
+    return render_multi(index, image_size, seed, split)
+
+
+class CifarMosaic(torch.utils.data.Dataset):
+    """2 x 2 mosaics of real CIFAR-10 images (a cifar10-jpg tree: train/<class>/*.jpg, test/<class>/*.jpg), labelled
+    with the set of their tiles' classes: a multi-label dataset of real photos. Training mosaics are cut from the
+    train split, val and test mosaics from the test split (as `build_dataset` reads val of that tree).
+
+    Mosaic i takes the tiles 4i .. 4i+3 of a seeded permutation of the source images (a fresh permutation each time
+    the images run out), so each image is used once per len(source) // 4 mosaics. Items are (uint8 (3, 64, 64) or
+    image_size, float32 multi-hot (C,)); tiles are read by the one decoder (through the ImageFolder).
+    """
+
+    multilabel = True
+    TILE = 32
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        num_samples: int | None = None,
+        seed: int = 0,
+        transform: Callable | None = None,
+        *,
+        strict: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        image_size: int | None = None,
+    ):
+        self.root, self.split, self.seed, self.transform = Path(root), split, seed, transform
+        train = self.root / "train"  # every split's labels in the training split's class order
+        classes = sorted(e.name for e in os.scandir(train) if e.is_dir()) if train.is_dir() else None
+        self.source = ImageFolder(split_folder(self.root, split), classes=classes, strict=True, max_pixels=max_pixels)
+        self.strict = strict
+        self.classes = list(self.source.classes)
+        self.image_size = image_size or 2 * self.TILE
+        n_source = len(self.source)
+        if n_source < 4:
+            raise ValueError(f"{self.source.root}: a mosaic needs at least 4 images, found {n_source}")
+        self.num_samples = n_source // 4 if num_samples is None else num_samples
+        stream = 0 if split == "train" else 1  # val and test are both the test split's mosaics
+        perms: dict[int, np.ndarray] = {}
+        tiles = np.empty((self.num_samples, 4), dtype=np.int64)
+        for i in range(self.num_samples):
+            for k in range(4):
+                p, j = divmod(4 * i + k, n_source)
+                if p not in perms:
+                    perms[p] = np.random.default_rng([seed, stream, p]).permutation(n_source)
+                tiles[i, k] = perms[p][j]
+        self.tiles = tiles.tolist()
+        self.label_sets = [sorted({self.source.samples[t][1] for t in row}) for row in self.tiles]
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def select(self, indices: Sequence[int]) -> None:
+        """Keep only these samples, in this order (a subset)."""
+        self.tiles = [self.tiles[i] for i in indices]
+        self.label_sets = [self.label_sets[i] for i in indices]
+
+    def paths(self, index: int) -> list[str]:
+        return [self.source.samples[t][0] for t in self.tiles[index]]
+
+    def load(self, index: int) -> torch.Tensor:
+        """The mosaic (3, H, W): tiles 0 1 over 2 3, each resized to 32 x 32 if it is not; raises BadImageError."""
+        from torchvision.transforms.v2 import functional as F
+
+        tiles = []
+        for t in self.tiles[index]:
+            tile = self.source.load(t)
+            if tuple(tile.shape[-2:]) != (self.TILE, self.TILE):
+                tile = F.resize(tile, [self.TILE, self.TILE], antialias=True)
+            tiles.append(tile)
+        img = torch.cat([torch.cat(tiles[:2], 2), torch.cat(tiles[2:], 2)], 1)
+        if self.image_size != 2 * self.TILE:
+            img = F.resize(img, [self.image_size, self.image_size], antialias=True)
+        return img
+
+    def target(self, index: int) -> torch.Tensor:
+        return multi_hot(self.label_sets[index], len(self.classes))
+
+    def __getitem__(self, index: int):
+        try:
+            img = self.load(index)
+        except BadImageError as e:
+            if self.strict:
+                raise
+            return SkippedSample(e.path, e.reason)
+        return (self.transform(img) if self.transform else img), self.target(index)
+
+    def cache_key(self) -> str:
+        h = hashlib.sha1(b"cifar10-mosaic")
+        for row in self.tiles:
+            for t in row:
+                path = self.source.samples[t][0]
+                st = os.stat(path)
+                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(b"|")
+        h.update(repr((self.classes, self.image_size)).encode())
+        return h.hexdigest()
+
+    def uint8_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every mosaic decoded (threads: the decoder releases the GIL) as uint8 (N, 3, H, W) and multi-hot (N, C)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            images = list(pool.map(self.load, range(len(self))))
+        return torch.stack(images), torch.stack([self.target(i) for i in range(len(self))])
+
+
 def stratified_indices(targets: Sequence[int], n: int, seed: int = 0) -> list[int]:
     """n sample indices drawn without replacement, each class keeping its share (largest remainders get the
     leftover places), shuffled with `seed` within each class; returned in ascending order."""
@@ -519,6 +714,29 @@ def split_folder(root: Path, split: str) -> Path:
     )
 
 
+def _mosaic_source(name: str, root: str | os.PathLike | None) -> tuple[Path, int | None]:
+    """`cifar10-mosaic:<path>[:N]` (or `cifar10-mosaic[:N]` with root=<path>) -> (the cifar10-jpg tree, N)."""
+    rest = name.removeprefix("cifar10-mosaic").removeprefix(":")
+    head, _, tail = rest.rpartition(":")
+    count = None
+    if tail.isdigit():
+        rest, count = head, int(tail)
+    elif rest.isdigit():
+        rest, count = "", int(rest)
+    if count is not None and count < 10:
+        raise ValueError(f"dataset {name!r}: N must be >= 10 training mosaics, e.g. cifar10-mosaic:PATH:2000")
+    if not rest and root is None:
+        raise ValueError(
+            f"dataset {name!r}: name the cifar10-jpg tree, e.g. cifar10-mosaic:../shared/data/cifar10-jpg (or set root)"
+        )
+    path = Path(rest or root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"dataset {name!r}: {path} is not a folder (expected a cifar10-jpg tree: train/, test/)"
+        )
+    return path, count
+
+
 def build_dataset(
     name_or_path: str | os.PathLike,
     split: str = "train",
@@ -534,12 +752,32 @@ def build_dataset(
     """A dataset by name (`shapes`, `cifar10`, `cifar100`, `cub200`, looked up under `root`) or by path (an
     ImageFolder root with train/ and val/ or test/, a CUB-200-2011 root, or a CIFAR python-layout folder).
 
+    Multi-label (items carry float32 multi-hot rows, `.multilabel` is True, `.label_sets` lists each item's classes):
+    `shapes-multi` (5,000 / 1,000 / 1,000 images of 1-4 shapes, 64 px unless image_size; `shapes-multi:N` has N
+    training and N // 5 val and test images; with boxes and masks per item), and `cifar10-mosaic:<cifar10-jpg
+    tree>[:N]` (2 x 2 mosaics of the real JPEGs, 64 px; train from train/, val and test from test/).
+
     `shapes` has 10,000 training and 2,000 test images; `shapes:N` has N training and N // 5 test images (small
     runs and tests). `image_size`: the render size of shapes (default 32); for other datasets, resize the shorter side
     to it. `crop_to_box`: CUB only. Splits: train, val, test (val and test are the same for shapes, CIFAR and CUB).
     """
     split = _check_split(split)
     name = str(name_or_path)
+    if name == "shapes-multi" or name.startswith("shapes-multi:"):
+        count = name.partition(":")[2]
+        if count and not (count.isdigit() and int(count) >= 10):
+            raise ValueError(
+                f"dataset {name!r}: write shapes-multi:N with N >= 10 training images, e.g. shapes-multi:2000"
+            )
+        num = None if not count else int(count) if split == "train" else max(10, int(count) // 5)
+        return ShapesMulti(split, image_size or 64, num_samples=num, transform=transform)
+    if name == "cifar10-mosaic" or name.startswith("cifar10-mosaic:"):
+        source, num = _mosaic_source(name, root)
+        if num is not None and split != "train":
+            num = max(10, num // 5)
+        return CifarMosaic(
+            source, split, num, transform=transform, strict=strict, max_pixels=max_pixels, image_size=image_size
+        )
     if name == "shapes" or name.startswith("shapes:"):
         count = name.partition(":")[2]
         if count and not (count.isdigit() and int(count) >= 10):

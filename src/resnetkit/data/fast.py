@@ -33,7 +33,7 @@ def default_cache_dir() -> Path:
 @dataclass
 class TensorData:
     images: torch.Tensor  # uint8 (N, 3, H, W)
-    labels: torch.Tensor  # int64 (N,)
+    labels: torch.Tensor  # int64 (N,), or float32 multi-hot rows (N, C) for a multi-label dataset
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     mean: list[float] | None = None  # per-channel statistics in [0, 1], measured once when the cache is built
@@ -102,7 +102,8 @@ def load_tensors(dataset, cache_dir: str | os.PathLike | None = None, strict: bo
             return data
         except (CheckpointError, KeyError, OSError) as e:  # a damaged cache file: rebuild it
             log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, e)
-    if isinstance(dataset, Shapes):
+    if isinstance(dataset, Shapes) or getattr(dataset, "multilabel", False):  # rendered, or mosaics of tiles
+        log.info("preparing %d images into the cache %s (once)", len(dataset), path)
         images, labels = dataset.uint8_tensors()
         data = TensorData(images, labels, list(dataset.classes))
     else:

@@ -29,8 +29,10 @@ import torch
 from resnetkit.data import fast
 from resnetkit.data.datasets import (
     CIFAR,
+    CifarMosaic,
     ImageFolder,
     Shapes,
+    ShapesMulti,
     SkippedSample,
     build_dataset,
     report_skipped,
@@ -483,8 +485,10 @@ def _dataset_stats(dataset, data: fast.TensorData | None, cache_dir, strict: boo
     """Normalisation statistics for the cifar preset: the dataset's own (its training split's), else ImageNet's."""
     if isinstance(dataset, CIFAR):
         return (CIFAR100_MEAN, CIFAR100_STD) if dataset.name == "cifar100" else (CIFAR10_MEAN, CIFAR10_STD)
-    if isinstance(dataset, Shapes):
+    if isinstance(dataset, (Shapes, ShapesMulti)):
         return SHAPES_MEAN, SHAPES_STD
+    if isinstance(dataset, CifarMosaic):  # tiles of CIFAR-10 images
+        return CIFAR10_MEAN, CIFAR10_STD
     if isinstance(dataset, ImageFolder) and data is not None:
         train = dataset if dataset.root.name == "train" else None
         if train is None and (dataset.root.parent / "train").is_dir():
@@ -531,11 +535,12 @@ def build_loader(
     preset_name = given["preset"] if given else preset
     dataset = build_dataset(name_or_path, split, root=root, strict=strict, download=download, image_size=image_size)
     if subset is not None and subset < len(dataset):
-        dataset.select(stratified_indices(dataset.targets, subset, seed))
-    small = isinstance(dataset, (CIFAR, Shapes)) or (isinstance(dataset, ImageFolder) and fast_candidate(dataset))
+        dataset.select(subset_indices(dataset, subset, seed))
+    rendered = (CIFAR, Shapes, ShapesMulti, CifarMosaic)  # small images held or rendered in memory
+    small = isinstance(dataset, rendered) or (isinstance(dataset, ImageFolder) and fast_candidate(dataset))
     if fast is None:
         fast = small and preset_name == "cifar"
-    elif fast and not (isinstance(dataset, (CIFAR, Shapes)) or hasattr(dataset, "samples")):
+    elif fast and not (isinstance(dataset, rendered) or hasattr(dataset, "samples")):
         raise ValueError(f"the fast pipeline cannot read {name_or_path}")
     if fast and preset_name != "cifar":
         raise ValueError(
@@ -552,7 +557,7 @@ def build_loader(
         if preset_name == "cifar":
             mean, std = _dataset_stats(dataset, data, cache_dir, strict)
         size = data.images.shape[-1] if data is not None and preset_name == "cifar" else None
-        if size is None and preset_name == "cifar" and isinstance(dataset, Shapes):
+        if size is None and preset_name == "cifar" and isinstance(dataset, (Shapes, ShapesMulti, CifarMosaic)):
             size = dataset.image_size
         preprocess = preprocess_info(preset_name, mean, std, input_size=size)
     common = dict(
@@ -568,6 +573,16 @@ def build_loader(
     if fast:
         return TensorLoader(data, **common)
     return FileLoader(dataset, workers=workers, **common)
+
+
+def subset_indices(dataset, n: int, seed: int) -> list[int]:
+    """A stratified, seeded subset of n samples: per class (`stratified_indices`), or by iterative stratification
+    over the label sets of a multi-label dataset."""
+    if getattr(dataset, "multilabel", False):
+        from resnetkit.data.splits import stratified_subset
+
+        return stratified_subset(dataset.label_sets, len(dataset.classes), n, seed)
+    return stratified_indices(dataset.targets, n, seed)
 
 
 def fast_candidate(dataset) -> bool:

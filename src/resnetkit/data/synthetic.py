@@ -6,6 +6,9 @@ class cannot be read from the mean colour; the outline can, and a small ResNet l
 
     >>> from resnetkit.data.synthetic import render_shapes
     >>> images, labels, masks = render_shapes(8, 32, seed=0, split="train")   # (8,3,32,32) (8,) (8,32,32)
+
+`shapes-multi` draws 1 to 4 of the same shapes, of different classes, into one image, with each shape's box and a
+class mask (`render_multi`): multi-label classification, detection and segmentation on the same images.
 """
 
 from __future__ import annotations
@@ -115,17 +118,18 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(smooth + rng.uniform(0.04, 0.12) * tex[..., None], 0.0, 1.0)
 
 
-def _render_one(rng: np.random.Generator, label: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    bg = _background(rng, size)
+def _shape_colour(rng: np.random.Generator, bg: np.ndarray) -> np.ndarray:
+    """A random colour that differs from the background's mean by a clear margin (resampled up to 20 times)."""
     fg = _random_colour(rng)
-    # Keep the shape visible: resample its colour until it differs from the background's mean by a clear margin.
     for _ in range(20):
         if np.abs(fg - bg.mean(axis=(0, 1))).sum() > 0.45:
             break
         fg = _random_colour(rng)
-    r = rng.uniform(0.22, 0.42) * size
-    cx, cy = rng.uniform(r, size - r, size=2)  # the whole shape stays inside
-    angle = rng.uniform(0, 2 * math.pi)
+    return fg
+
+
+def _coverage(label: int, cx: float, cy: float, r: float, angle: float, size: int) -> np.ndarray:
+    """The shape's anti-aliased coverage (H, W) in [0, 1], drawn supersampled."""
     big = size * _SS
     canvas = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(canvas)
@@ -133,7 +137,16 @@ def _render_one(rng: np.random.Generator, label: int, size: int) -> tuple[np.nda
     draw.polygon(polys[0], fill=255)
     for hole in polys[1:]:
         draw.polygon(hole, fill=0)
-    alpha = np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+    return np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+
+
+def _render_one(rng: np.random.Generator, label: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    bg = _background(rng, size)
+    fg = _shape_colour(rng, bg)
+    r = rng.uniform(0.22, 0.42) * size
+    cx, cy = rng.uniform(r, size - r, size=2)  # the whole shape stays inside
+    angle = rng.uniform(0, 2 * math.pi)
+    alpha = _coverage(label, cx, cy, r, angle, size)
     image = bg * (1 - alpha[..., None]) + fg * alpha[..., None]
     return (image * 255 + 0.5).astype(np.uint8), alpha >= 0.5
 
@@ -179,3 +192,62 @@ def render_shapes(
         torch.from_numpy(labels).long(),
         torch.from_numpy(masks),
     )
+
+
+# ---- shapes-multi: several shapes of different classes per image (multi-label, detection, segmentation) ----
+
+MULTI_MAX_SHAPES = 4
+_MULTI_STREAM = {"train": 10, "val": 11, "test": 12}  # three distinct splits (shapes' val is its test)
+
+
+def multi_layout(index: int, seed: int = 0, split: str = "train") -> list[tuple[int, float, float, float, float]]:
+    """Image `index`'s shapes as (class, cx, cy, r, angle), positions and circumradii in units of the image side.
+
+    1 to 4 shapes of different classes whose circumscribed circles do not overlap, so no shape hides another and
+    every shape is whole inside the image. Drawn from its own stream, apart from the colours: the labels and boxes
+    are known without rendering, and do not depend on the image size.
+    """
+    if split not in _MULTI_STREAM:
+        raise ValueError(f"shapes-multi: unknown split {split!r}; expected one of {sorted(_MULTI_STREAM)}")
+    rng = np.random.default_rng([seed, _MULTI_STREAM[split], index])
+    count = int(rng.integers(1, MULTI_MAX_SHAPES + 1))
+    labels = rng.choice(len(SHAPE_CLASSES), size=count, replace=False)
+    placed: list[tuple[int, float, float, float, float]] = []
+    for label in labels.tolist():
+        r = rng.uniform(0.10, 0.30 - 0.04 * count)  # fewer shapes, larger ones: 0.10-0.26 of the side for one
+        for attempt in range(400):
+            if attempt and attempt % 20 == 0:
+                r *= 0.9  # crowded (rare): a smaller shape fits more easily
+            # The outline reaches up to 1.05 r (the cross's corners), which must stay inside the image.
+            cx, cy = rng.uniform(1.05 * r, 1 - 1.05 * r, size=2)
+            if all(math.hypot(cx - x, cy - y) >= 1.05 * (r + q) + 0.02 for _, x, y, q, _ in placed):
+                break
+        placed.append((int(label), float(cx), float(cy), float(r), float(rng.uniform(0, 2 * math.pi))))
+    return placed
+
+
+def multi_boxes(layout: list[tuple[int, float, float, float, float]], size: int) -> np.ndarray:
+    """Each shape's box (K, 4) as x0, y0, x1, y1 in pixels: the extent of its outline, within the image."""
+    boxes = np.empty((len(layout), 4), dtype=np.float32)
+    for k, (label, cx, cy, r, angle) in enumerate(layout):
+        outline = np.asarray(_polygon(SHAPE_CLASSES[label], cx * size, cy * size, r * size, angle)[0])
+        boxes[k] = [*outline.min(0), *outline.max(0)]
+    return np.clip(boxes, 0, size)
+
+
+def render_multi(
+    index: int, image_size: int = 64, seed: int = 0, split: str = "train"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Image `index` of a shapes-multi split: uint8 (H, W, 3), boxes (K, 4) xyxy float32, their classes int64 (K,)
+    and the class mask int64 (H, W) (class index + 1 on each shape's pixels, 0 on the background)."""
+    layout = multi_layout(index, seed, split)
+    rng = np.random.default_rng([seed, _MULTI_STREAM[split], image_size, index])
+    image = _background(rng, image_size)
+    mask = np.zeros((image_size, image_size), dtype=np.int64)
+    for label, cx, cy, r, angle in layout:
+        fg = _shape_colour(rng, image)
+        alpha = _coverage(label, cx * image_size, cy * image_size, r * image_size, angle, image_size)
+        image = image * (1 - alpha[..., None]) + fg * alpha[..., None]
+        mask[alpha >= 0.5] = label + 1
+    box_labels = np.array([label for label, *_ in layout], dtype=np.int64)
+    return (image * 255 + 0.5).astype(np.uint8), multi_boxes(layout, image_size), box_labels, mask
