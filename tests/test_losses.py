@@ -4,6 +4,7 @@ not fit the task, and a focal, class-weighted run of the real engine on an imbal
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from test_train import COLOURS, make_folder, tiny_config
 from torchvision.ops import sigmoid_focal_loss
 
 from resnetkit.checkpoint import load_checkpoint
+from resnetkit.cli import main
 from resnetkit.config import ConfigError, LossConfig, config_from_dict
 from resnetkit.data import mixup_cutmix
 from resnetkit.train.fit import train
@@ -107,7 +109,10 @@ def test_auto_class_weights_are_inverse_frequency_with_mean_one():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"loss": {"name": "bce"}}, "loss.name='bce' is a loss for task multilabel; task classification takes ce, focal"),
+        (
+            {"loss": {"name": "bce"}},
+            "loss.name='bce' is a loss for task multilabel; task classification takes ce, focal",
+        ),
         ({"task": "multilabel", "loss": {"name": "ce"}}, "task multilabel takes bce, focal, asymmetric"),
         ({"loss": {"name": "dice"}}, "loss.name: unknown value 'dice'"),
         ({"loss": {"class_weights": "inverse"}}, "expected null, 'auto' or a list of weights"),
@@ -153,6 +158,15 @@ def test_focal_loss_with_auto_class_weights_trains_through_the_engine(tmp_path):
     assert ckpt["config"]["loss"]["name"] == "focal"
     assert torch.isfinite(torch.tensor(result.metrics["train_loss"])) and "val_acc" in result.metrics
     assert len(COLOURS) == len(ckpt["classes"]) == 3
+    # The report puts each split's class counts beside the per-class metrics (and eval adds balanced accuracy).
+    assert main(["report", str(result.run_dir)]) == 0
+    evaluated = json.loads((result.run_dir / "eval" / "eval.json").read_text())
+    recalls = [r["recall"] for r in evaluated["per_class"]]
+    assert evaluated["balanced_accuracy"] == pytest.approx(sum(recalls) / 3)
+    assert evaluated["class_distribution"] == {"train": [20, 20, 4], "val": [4, 4, 4], "test": [4, 4, 4]}
+    html = (result.run_dir / "report.html").read_text()
+    assert "<th>test (support)</th><th>train</th><th>val</th>" in html and "balanced accuracy" in html
+    assert "<td>4</td><td>20</td><td>4</td></tr>" in html and "<td>4</td><td>4</td><td>4</td></tr>" in html
 
 
 def test_class_weights_of_the_wrong_length_stop_before_training(tmp_path):

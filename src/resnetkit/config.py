@@ -365,7 +365,9 @@ class LossConfig:
         if self.name is not None:
             _check_choice("loss.name", self.name, LOSSES)
         if isinstance(self.class_weights, str) and self.class_weights != "auto":
-            raise ConfigError(f"loss.class_weights: expected null, 'auto' or a list of weights, got {self.class_weights!r}")
+            raise ConfigError(
+                f"loss.class_weights: expected null, 'auto' or a list of weights, got {self.class_weights!r}"
+            )
         if isinstance(self.class_weights, list) and not (
             self.class_weights and all(w >= 0 for w in self.class_weights) and any(w > 0 for w in self.class_weights)
         ):
@@ -428,7 +430,9 @@ class Config:
         if self.task == "multilabel" and (d.mixup_alpha > 0 or d.cutmix_alpha > 0):
             raise ConfigError("data.mixup_alpha and data.cutmix_alpha mix single labels; task multilabel takes neither")
         if self.train.label_smoothing > 0 and loss.name != "ce":
-            raise ConfigError(f"train.label_smoothing smooths cross-entropy (loss.name: ce), not loss.name={loss.name!r}")
+            raise ConfigError(
+                f"train.label_smoothing smooths cross-entropy (loss.name: ce), not loss.name={loss.name!r}"
+            )
 
     @property
     def run_dir(self) -> Path:

@@ -74,8 +74,8 @@ def export_model(
 
     `preprocess` is the checkpoint's dict (`input_size`, `mean`, `std`, ...); `model_name`/`model_kwargs` let a
     safetensors file be rebuilt with `create_model`; `multilabel` and `thresholds` (a multi-label classifier's
-    per-class decision thresholds) travel in the metadata for predict and serve. Raises ExportError (and removes the files) when the exported
-    model's logits differ from the eager model's by more than `tolerance`.
+    per-class decision thresholds) travel in the metadata for predict and serve. Raises ExportError (and removes
+    the files) when the exported model's logits differ from the eager model's by more than `tolerance`.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")

@@ -93,7 +93,9 @@ class Predictor:
         def entry(i: int, p: float) -> dict[str, Any]:
             return {"class": self.classes[i], "index": i, "prob": round(p, digits) if digits is not None else p}
 
-        records: list[dict[str, Any]] = [{"top_k": [entry(i, p) for i, p in top]} for top in self.top_indices(probs, top_k)]
+        records: list[dict[str, Any]] = [
+            {"top_k": [entry(i, p) for i, p in top]} for top in self.top_indices(probs, top_k)
+        ]
         if not self.multilabel:
             return records
         return [

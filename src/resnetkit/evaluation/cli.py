@@ -118,6 +118,8 @@ def print_summary(result: dict, out: Path | None) -> None:
 
 
 def _print_multilabel(console, table, result: dict, out: Path | None) -> None:
+    from rich.table import Table
+
     rows = [
         ("samples", f"{result['num_samples']:,}"),
         ("mAP (macro)", f"{result['map']:.4f}"),

@@ -163,7 +163,7 @@ def evaluate(
         else:
             info.update(checkpoint=bundle.source, model=bundle.name, epoch=epoch)
 
-    is_shapes = str(data) == "shapes" or str(data).startswith("shapes:")
+    is_shapes = str(data).split(":")[0] in ("shapes", "shapes-multi")
     image_size = preprocess["input_size"] if is_shapes else None  # shapes renders at the trained size
     dataset = build_dataset(data, split, root=root, transform=eval_transform_from(preprocess), image_size=image_size)
     classes = list(classes or dataset.classes)

@@ -190,7 +190,9 @@ def plot_misclassified(images: torch.Tensor, labels: list[tuple[str, str, float]
 LEGEND_CLASSES = 20  # beyond this, the precision-recall plot names only the best and worst classes
 
 
-def plot_pr_curves(curves: list[tuple[str, list[float], list[float], float]], path: str | Path, title: str = "") -> Path:
+def plot_pr_curves(
+    curves: list[tuple[str, list[float], list[float], float]], path: str | Path, title: str = ""
+) -> Path:
     """Per class a precision-recall curve (step-wise, as average precision sums it), labelled with its AP in the
     legend, best first. curves: (class, precision, recall, AP), precision and recall from the highest threshold."""
     plt = _pyplot()
@@ -203,8 +205,14 @@ def plot_pr_curves(curves: list[tuple[str, list[float], list[float], float]], pa
     colours = plt.get_cmap("tab20" if len(ranked) > 10 else "tab10")
     for i, (name, precision, recall, ap) in enumerate(ranked):
         label = f"{_short(name)} (AP {ap:.3f})" if i in named else None
-        ax.step([0.0, *recall], [precision[0] if precision else 1.0, *precision], where="pre", linewidth=1.2,
-                color=colours(i % colours.N), label=label)
+        ax.step(
+            [0.0, *recall],
+            [precision[0] if precision else 1.0, *precision],
+            where="pre",
+            linewidth=1.2,
+            color=colours(i % colours.N),
+            label=label,
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall")

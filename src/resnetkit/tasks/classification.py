@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from resnetkit.config import Config, ConfigError
 from resnetkit.tasks import Task
 from resnetkit.train.distributed import DistInfo, all_reduce_sum
-from resnetkit.train.losses import build_loss, class_counts, resolve_class_weights
 from resnetkit.train.loop import autocast
+from resnetkit.train.losses import build_loss, class_counts, resolve_class_weights
 from resnetkit.train.optim import apply_freeze
 
 
@@ -65,10 +65,11 @@ class ClassificationTask(Task):
             )
         self.classes = list(train_loader.classes)
         self.preprocess = dict(train_loader.preprocess)
-        self.class_counts = {"train": self._counts(train_loader, d.train_split or "train", d.name)}
+        # Samples per class of each split, by the split's name (the report shows them beside per-class metrics).
+        self.class_counts = {d.train_split: self._counts(train_loader, d.train_split, d.name)}
         if val_loader is not None:
-            self.class_counts["val"] = self._counts(val_loader, d.val_split, d.name)
-        self.class_weights = resolve_class_weights(cfg.loss, self.class_counts["train"])
+            self.class_counts[d.val_split] = self._counts(val_loader, d.val_split, d.name)
+        self.class_weights = resolve_class_weights(cfg.loss, self.class_counts[d.train_split])
         self.loss = build_loss(cfg.loss, self.multilabel, cfg.train.label_smoothing, self.class_weights)
         self.mix = None
         if d.mixup_alpha > 0 or d.cutmix_alpha > 0:

@@ -1,6 +1,6 @@
 """Multi-label classification as a task of the engine: several labels per image, one sigmoid per class.
 
-    resnetkit train --config configs/mosaic_multilabel.yaml       # task: multilabel (or data.multilabel: true)
+    resnetkit train --config configs/cifar10_mosaic.yaml       # task: multilabel (or data.multilabel: true)
 
 The classification task with multi-hot targets (the same data, model, freezing and head code): the loss of `loss:`
 (BCE on the logits, or the focal or asymmetric loss; class weights), validation mAP (macro), F1, exact-match ratio

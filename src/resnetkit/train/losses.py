@@ -127,7 +127,9 @@ def build_loss(cfg: LossConfig, multilabel: bool, label_smoothing: float = 0.0, 
             return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
         # Weighted: the mean over samples of w[y] x their loss (not PyTorch's division by the weights' sum, under
         # which a batch of only one class would cancel its weight out).
-        return F.cross_entropy(logits.float(), targets, weight=w, label_smoothing=label_smoothing, reduction="none").mean()
+        return F.cross_entropy(
+            logits.float(), targets, weight=w, label_smoothing=label_smoothing, reduction="none"
+        ).mean()
 
     return cross_entropy
 
