@@ -70,6 +70,15 @@ class Predictor:
         logits = torch.as_tensor(self.model(batch.to(self.device))).float()
         return (logits.sigmoid() if self.multilabel else logits.softmax(dim=1)).cpu()
 
+    def top_indices(self, probs: torch.Tensor, k: int = 5) -> list[list[tuple[int, float]]]:
+        """Per row of `probs`, the k most likely (class index, probability), most likely first."""
+        values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+        return [list(zip(ix, vs)) for vs, ix in zip(values.tolist(), indices.tolist())]
+
+    def top_k(self, probs: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per row of `probs`, the k most likely (class name, probability), most likely first."""
+        return [[(self.classes[i], p) for i, p in row] for row in self.top_indices(probs, k)]
+
     def label_indices(self, probs: torch.Tensor) -> list[list[tuple[int, float]]]:
         """Per row of a multi-label model's `probs`, every (class index, probability) at or above its class's
         threshold, most likely first."""
