@@ -100,8 +100,8 @@ def test_f1_thresholds_reach_the_best_f1_a_search_finds():
     y, s = targets.numpy(), scores.numpy()
     for c, t in enumerate(thresholds):
         candidates = np.unique(s[:, c])
-        best = max(f1_score(y[:, c], s[:, c] >= v, zero_division=0) for v in candidates)
-        assert f1_score(y[:, c], s[:, c] >= t, zero_division=0) == pytest.approx(best, abs=1e-12)
+        best = max(f1_score(y[:, c], (s[:, c] >= v).astype(int), zero_division=0) for v in candidates)
+        assert f1_score(y[:, c], (s[:, c] >= t).astype(int), zero_division=0) == pytest.approx(best, abs=1e-12)
         assert t not in candidates  # halfway between two scores, not on one
     targets[:, 3] = 0
     assert f1_thresholds(scores, targets)[3] == 0.5  # no positives: the default
