@@ -2,11 +2,12 @@
 
     resnetkit export --checkpoint runs/cifar/best.pt --format onnx --out model.onnx
 
-Every format gets a dynamic batch size and carries its metadata (model name, input size, mean, std, class names,
-the temperature of a calibrated classifier) inside the file (ONNX metadata_props, a TorchScript extra file, the
-safetensors header) and beside it as `PATH.json`; `resnetkit.bundle.load_bundle` reads any of them back (and
-`read_metadata` the metadata alone). An export is declared done only after the exported file, read back, reproduces
-the eager model's logits on a batch of another size than the one traced, within `tolerance` (1e-4 by default).
+Every format gets a dynamic batch size and carries its metadata (model name, input size, mean, std, class names;
+for a multi-label classifier `multilabel` and its per-class `thresholds`; the temperature of a calibrated classifier)
+inside the file (ONNX metadata_props, a TorchScript extra file, the safetensors header) and beside it as
+`PATH.json`; `resnetkit.bundle.load_bundle` reads any of them back (and `read_metadata` the metadata alone). An
+export is declared done only after the exported file, read back, reproduces the eager model's logits on a batch of
+another size than the one traced, within `tolerance` (1e-4 by default).
 """
 
 from __future__ import annotations
@@ -67,13 +68,16 @@ def export_model(
     model_kwargs: dict[str, Any] | None = None,
     temperature: float = 1.0,
     tolerance: float = 1e-4,
+    multilabel: bool = False,
+    thresholds: list[float] | None = None,
 ) -> ExportReport:
     """Write `model` to `path` in `format`, embed the metadata, write `PATH.json`, and verify the file.
 
     `preprocess` is the checkpoint's dict (`input_size`, `mean`, `std`, ...); `model_name`/`model_kwargs` let a
-    safetensors file be rebuilt with `create_model`. `temperature` (`resnetkit calibrate`'s T) goes into the metadata:
-    the file still outputs logits, and whoever turns them into probabilities (the Predictor of its bundle) divides
-    them by T first. Raises ExportError (and removes the files) when the exported
+    safetensors file be rebuilt with `create_model`; `multilabel` and `thresholds` (a multi-label classifier's
+    per-class decision thresholds) travel in the metadata for predict and serve, and so does `temperature`
+    (`resnetkit calibrate`'s T): the file still outputs logits, and whoever turns them into probabilities (the
+    Predictor of its bundle) divides them by T first. Raises ExportError (and removes the files) when the exported
     model's logits differ from the eager model's by more than `tolerance`.
     """
     if format not in FORMATS:
@@ -99,6 +103,8 @@ def export_model(
         "std": preprocess.get("std"),
         "classes": list(classes) if classes is not None else None,
         "preprocess": preprocess,
+        "multilabel": multilabel,
+        "thresholds": list(thresholds) if thresholds is not None else None,
         "temperature": float(temperature),
         "resnetkit_version": _version(),
     }

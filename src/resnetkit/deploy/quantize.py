@@ -208,6 +208,8 @@ def quantize_from_images(
     temperature: float = 1.0,
     threads: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    multilabel: bool = False,
+    thresholds: list[float] | None = None,
 ) -> QuantizeReport:
     """int8 from real images: calibrate on `calib` of them, then measure the top-1 agreement with the fp32 model on
     up to `check` others (never seen by the calibration).
@@ -215,7 +217,7 @@ def quantize_from_images(
     The two sets come from `calibration_split` (a shuffle with a fixed seed). Images are prepared with the model's
     own evaluation preprocessing; unreadable files are skipped and listed in the report. Writes `out_path`
     (metadata embedded, as `resnetkit export` does) and `out_path.json`. `progress(stage, done, total)` is called
-    after each batch.
+    after each batch. `multilabel` and `thresholds` travel in the metadata, as for `export_model`.
     """
     from resnetkit.data import eval_transform_from
     from resnetkit.deploy.predict import read_batches
@@ -252,6 +254,8 @@ def quantize_from_images(
             model_name=model_name,
             model_kwargs=model_kwargs,
             temperature=temperature,
+            multilabel=multilabel,
+            thresholds=thresholds,
         )
         quantize_onnx(fp32_path, out_path, calibration, method=method, fp32_ends=fp32_ends)
         fp32_ort = OnnxRuntimeModel(fp32_path, threads=threads)

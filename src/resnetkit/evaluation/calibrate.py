@@ -2,6 +2,11 @@
 validation split by minimising the negative log-likelihood, so that softmax(logits / T) means what it says. Dividing
 every logit by the same T > 0 changes no prediction: top-1 (and every ranking) stays exactly as it was.
 
+A multi-label classifier gets one T shared by its per-class sigmoids, sigmoid(logits / T), fitted on the binary
+cross-entropy; its per-class decision thresholds are moved with it (a threshold t at the old T becomes
+sigmoid(T_old * logit(t) / T_new)), so every predicted label stays the same, and so do mAP, F1 and exact match.
+Its ECE is over every (image, class) pair: the probability that the label is present against how often it is.
+
     resnetkit calibrate --checkpoint runs/demo/best.pt                           # T written into best.pt
     resnetkit calibrate --checkpoint runs/demo/best.pt --out runs/demo/calibrated.pt
 
@@ -27,7 +32,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from resnetkit.evaluation.metrics import DEFAULT_BINS, ClassificationMetrics
+from resnetkit.evaluation.metrics import (
+    DEFAULT_BINS,
+    ClassificationMetrics,
+    multilabel_metrics,
+    probability_calibration,
+)
 
 if TYPE_CHECKING:
     from resnetkit.bundle import Bundle
@@ -39,24 +49,30 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 FOLDER = "calibration"  # beside the calibrated checkpoint: calibration.json and the two reliability diagrams
 
 
-def nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of softmax(logits / temperature) for integer targets (N,): the cross-entropy."""
-    return float(F.cross_entropy(logits.double() / temperature, targets.long()))
+def nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, multilabel: bool = False) -> float:
+    """Mean negative log-likelihood at `temperature`: the cross-entropy of softmax(logits / T) for class indices
+    (N,), or with `multilabel` the binary cross-entropy of sigmoid(logits / T) for multi-hot targets (N, C), averaged
+    over images and classes."""
+    z = logits.double() / temperature
+    if multilabel:
+        return float(F.binary_cross_entropy_with_logits(z, targets.double()))
+    return float(F.cross_entropy(z, targets.long()))
 
 
-def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """The T in [MIN_TEMPERATURE, MAX_TEMPERATURE] that minimises `nll(logits, targets, T)`.
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool = False) -> float:
+    """The T in [MIN_TEMPERATURE, MAX_TEMPERATURE] that minimises `nll(logits, targets, T, multilabel)`.
 
-    A golden-section search over log T: the NLL is convex in 1/T (a log-sum-exp of functions linear in 1/T, minus
-    one linear in it), so along log T it has a single minimum, which the search brackets to 1e-10 in about 50
-    evaluations of the loss, with no step size to tune and no chance of leaving the range.
+    A golden-section search over log T: the NLL is convex in 1/T (a log-sum-exp, or for sigmoids a softplus, of
+    functions linear in 1/T, minus one linear in it), so along log T it has a single minimum, which the search
+    brackets to 1e-10 in about 50 evaluations of the loss, with no step size to tune and no chance of leaving the
+    range.
     """
-    logits, targets = logits.detach().double().cpu(), targets.detach().long().cpu()
+    logits, targets = logits.detach().double().cpu(), targets.detach().cpu()
     if logits.dim() != 2 or len(logits) != len(targets) or not len(targets):
         raise ValueError(f"need logits (N, C) and N targets, N >= 1; got {tuple(logits.shape)} and {len(targets)}")
 
     def loss(log_t: float) -> float:
-        return nll(logits, targets, math.exp(log_t))
+        return nll(logits, targets, math.exp(log_t), multilabel)
 
     lo, hi = math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)
     shrink = (math.sqrt(5) - 1) / 2
@@ -74,9 +90,40 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return math.exp((lo + hi) / 2)
 
 
-def calibration_metrics(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> dict[str, Any]:
-    """top-1, NLL, ECE (15 bins) and the reliability bins of softmax(logits / temperature), through the same
-    `ClassificationMetrics` as `resnetkit eval`."""
+def rescale_thresholds(thresholds: list[float], old: float, new: float) -> list[float]:
+    """Probability thresholds chosen at temperature `old` that make the same decisions at temperature `new`:
+    sigmoid(z / old) >= t exactly when sigmoid(z / new) >= sigmoid(old * logit(t) / new)."""
+    out = []
+    for t in thresholds:
+        t = min(max(float(t), 1e-12), 1 - 1e-12)
+        out.append(1 / (1 + math.exp(-old * math.log(t / (1 - t)) / new)))
+    return out
+
+
+def calibration_metrics(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    multilabel: bool = False,
+    thresholds: list[float] | None = None,
+) -> dict[str, Any]:
+    """NLL, ECE (15 bins) and the reliability bins at `temperature`, with top-1 (through the same
+    `ClassificationMetrics` as `resnetkit eval`), or for a multi-label model mAP, macro F1 and exact match at
+    `thresholds` (`multilabel_metrics`, as eval computes them)."""
+    if multilabel:
+        probs = (logits.double() / temperature).sigmoid()
+        ece, bins = probability_calibration(probs, targets, DEFAULT_BINS)
+        scores = multilabel_metrics(probs, targets, thresholds=thresholds)
+        return {
+            "temperature": temperature,
+            "map": scores["map"],
+            "f1_macro": scores["f1_macro"],
+            "exact_match": scores["exact_match"],
+            "nll": nll(logits, targets, temperature, multilabel=True),
+            "ece": ece,
+            "calibration": bins,
+            "thresholds": scores["thresholds"],
+        }
     metrics = ClassificationMetrics(logits.shape[1], num_bins=DEFAULT_BINS)
     metrics.update(logits.double() / temperature, targets)
     result = metrics.compute()
@@ -93,10 +140,10 @@ def calibration_metrics(logits: torch.Tensor, targets: torch.Tensor, temperature
 def split_logits(bundle: Bundle, cfg: Config, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw logits (N, C) and targets of every image of `split`, read by the task's `eval_loader` with the
     bundle's preprocessing."""
-    from resnetkit.tasks import get_task
+    from resnetkit.tasks import get_task, task_of
     from resnetkit.train.distributed import DistInfo
 
-    task = get_task(bundle.task)
+    task = get_task(task_of(bundle.checkpoint or {}) if bundle.checkpoint else bundle.task)
     task.cfg, task.classes, task.preprocess = cfg, list(bundle.classes), dict(bundle.preprocess)
     loader = task.eval_loader(cfg, split, DistInfo(device=device))
     if list(loader.classes) != list(bundle.classes):
@@ -128,8 +175,9 @@ def calibrate(
 
     out: the checkpoint written (default: `checkpoint` itself, in place; every other key is kept as it was).
     data, split: what to fit on (default: the checkpoint's dataset and its validation split, data.val_split).
-    Returns calibration.json's contents: the temperature, and top-1 / NLL / ECE with the reliability bins before
-    (at the checkpoint's previous temperature, 1 unless it was calibrated already) and after.
+    Returns calibration.json's contents: the temperature, and top-1 (multi-label: mAP, macro F1, exact match) / NLL
+    / ECE with the reliability bins before (at the checkpoint's previous temperature, 1 unless it was calibrated
+    already) and after.
     """
     from resnetkit.bundle import load_bundle
     from resnetkit.checkpoint import save_checkpoint
@@ -166,9 +214,16 @@ def calibrate(
     if workers is not None:
         cfg.data.workers = workers
     logits, targets = split_logits(bundle, cfg, split, resolve_device(device))
-    temperature = fit_temperature(logits, targets)
-    before = calibration_metrics(logits, targets, bundle.temperature)
-    after = calibration_metrics(logits, targets, temperature)
+    multilabel = bool(bundle.multilabel)
+    temperature = fit_temperature(logits, targets, multilabel)
+    state = {**bundle.checkpoint, "temperature": temperature}
+    if multilabel:  # the same decisions at the new temperature
+        for key in ("thresholds", "thresholds_ema"):
+            if state.get(key) is not None:
+                state[key] = rescale_thresholds(state[key], bundle.temperature, temperature)
+    old_thresholds, new_thresholds = bundle.thresholds, state.get("thresholds")
+    before = calibration_metrics(logits, targets, bundle.temperature, multilabel, old_thresholds)
+    after = calibration_metrics(logits, targets, temperature, multilabel, new_thresholds)
 
     out_path = Path(out) if out is not None else path
     folder = out_path.parent / FOLDER
@@ -178,12 +233,15 @@ def calibrate(
         "data": cfg.data.name,
         "split": split,
         "num_samples": len(targets),
+        "multilabel": multilabel,
         "nll_before": before["nll"],
         "nll_after": after["nll"],
         "ece_before": before["ece"],
         "ece_after": after["ece"],
     }
-    save_checkpoint(out_path, {**bundle.checkpoint, "temperature": temperature, "calibration": summary})
+    save_checkpoint(out_path, {**state, "calibration": summary})
+    axes = {"xlabel": "predicted probability of a label (every image x class)", "ylabel": "fraction present"}
+    axes = axes if multilabel else {}
     figures = {
         "before": str(
             plot_reliability(
@@ -191,6 +249,7 @@ def calibrate(
                 before["ece"],
                 folder / "reliability_before.png",
                 title=f"before (T = {bundle.temperature:.3g})",
+                **axes,
             )
         ),
         "after": str(
@@ -199,6 +258,7 @@ def calibrate(
                 after["ece"],
                 folder / "reliability_after.png",
                 title=f"after temperature scaling (T = {temperature:.3g})",
+                **axes,
             )
         ),
     }
@@ -219,4 +279,4 @@ def calibrate(
     return result
 
 
-__all__ = ["calibrate", "calibration_metrics", "fit_temperature", "nll", "split_logits"]
+__all__ = ["calibrate", "calibration_metrics", "fit_temperature", "nll", "rescale_thresholds", "split_logits"]

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="evaluate a checkpoint (or a bare model + weights) on a whole split: metrics, confusion matrix, "
-        "calibration, misclassified images",
+        "calibration, misclassified images (multi-label: mAP, per-class AP/F1, precision-recall curves)",
         description="Either --checkpoint (class names, preprocessing and default data come from it) or --model NAME "
         "--weights FILE --data FOLDER (class names from the dataset). Writes eval.json, confusion_matrix.png/.csv, "
         "reliability.png and misclassified.png to --out.",
@@ -107,6 +107,8 @@ def print_summary(result: dict, out: Path | None) -> None:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if result.get("multilabel"):
+        return _print_multilabel(console, table, result, out)
     rows = [
         ("samples", f"{result['num_samples']:,}"),
         ("top-1", _pct(result["top1"])),
@@ -115,6 +117,7 @@ def print_summary(result: dict, out: Path | None) -> None:
         ("precision macro / weighted", f"{_pct(result['precision_macro'])} / {_pct(result['precision_weighted'])}"),
         ("recall macro / weighted", f"{_pct(result['recall_macro'])} / {_pct(result['recall_weighted'])}"),
         ("F1 macro / weighted", f"{_pct(result['f1_macro'])} / {_pct(result['f1_weighted'])}"),
+        ("balanced accuracy", _pct(result["balanced_accuracy"])),
         ("ECE (15 bins)", _pct(result["ece"])),
         ("time", f"{result['seconds']:.1f} s on {result['device']}"),
     ]
@@ -134,6 +137,36 @@ def print_summary(result: dict, out: Path | None) -> None:
         console.print(f"skipped {len(result['skipped'])} unreadable images (listed in eval.json)")
     if out is not None:
         console.print(f"wrote {out}/eval.json, confusion_matrix.png/.csv, reliability.png, misclassified.png")
+
+
+def _print_multilabel(console, table, result: dict, out: Path | None) -> None:
+    from rich.table import Table
+
+    rows = [
+        ("samples", f"{result['num_samples']:,}"),
+        ("mAP (macro)", f"{result['map']:.4f}"),
+        ("F1 macro", _pct(result["f1_macro"])),
+        ("exact-match ratio", _pct(result["exact_match"])),
+        ("Hamming loss", f"{result['hamming_loss']:.4f}"),
+        ("thresholds", result["thresholds_from"]),
+        ("time", f"{result['seconds']:.1f} s on {result['device']}"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if len(result["per_class"]) <= 30:
+        per = Table(title="per class")
+        for col in ("class", "AP", "precision", "recall", "F1", "threshold", "support"):
+            per.add_column(col, justify="left" if col == "class" else "right")
+        for r in result["per_class"]:
+            ap = "-" if r["ap"] is None else f"{r['ap']:.4f}"
+            f1 = [_pct(r["precision"]), _pct(r["recall"]), _pct(r["f1"])]
+            per.add_row(r["class"], ap, *f1, f"{r['threshold']:.3f}", str(r["support"]))
+        console.print(per)
+    if result["skipped"]:
+        console.print(f"skipped {len(result['skipped'])} unreadable images (listed in eval.json)")
+    if out is not None:
+        console.print(f"wrote {out}/eval.json, pr_curves.png")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -245,10 +278,16 @@ def calibration_summary(result: dict) -> str:
         f"temperature {result['temperature']:.4f}",
         f"  {'':<15} {'before':>9} {'after':>9}",
         f"  {'temperature':<15} {before['temperature']:>9.4f} {after['temperature']:>9.4f}",
-        f"  {'top-1':<15} {_pct(before['top1']):>9} {_pct(after['top1']):>9}",
+    ]
+    kept = [("mAP", "map"), ("F1 macro", "f1_macro"), ("exact match", "exact_match")]
+    for name, key in kept if result.get("multilabel") else [("top-1", "top1")]:
+        lines.append(f"  {name:<15} {_pct(before[key]):>9} {_pct(after[key]):>9}")
+    lines += [
         f"  {'NLL':<15} {before['nll']:>9.4f} {after['nll']:>9.4f}",
         f"  {'ECE (15 bins)':<15} {_pct(before['ece']):>9} {_pct(after['ece']):>9}",
     ]
+    if result.get("multilabel"):
+        lines.append("  (the per-class thresholds move with T: every predicted label stays the same)")
     if result["at_search_edge"]:
         lines.append(
             f"note: T {result['temperature']:.3g} is at the end of the searched range (0.01..100): the NLL kept "
