@@ -186,3 +186,71 @@ def test_calibrate_bad_input(run, exported, tmp_path, capsys):
     assert "missing.pt" in capsys.readouterr().err
     assert main(["calibrate", "--checkpoint", str(exported)]) == 2
     assert "exported file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- multi-label
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(cifar10_jpg, tmp_path_factory):
+    """A multi-label resnet9 trained 3 epochs on 2 x 2 mosaics of real CIFAR-10 JPEGs (task multilabel, thresholds
+    chosen on the validation mosaics), its head then scaled by SCALE; saved as overconfident.pt and calibrated into
+    calibrated.pt."""
+    import resnetkit
+
+    out = tmp_path_factory.mktemp("calibrate-multilabel")
+    torch.set_num_threads(1)
+    result = resnetkit.train(
+        {
+            "task": "multilabel",
+            "name": "mosaic",
+            "output_dir": str(out),
+            "model": {"name": "resnet9", "options": {"width": 0.25}},
+            "data": {
+                "name": f"cifar10-mosaic:{cifar10_jpg}:320",
+                "image_size": 32,
+                "batch_size": 32,
+                "workers": 0,
+                "cache_dir": str(out / "cache"),
+            },
+            "optim": {"name": "adamw", "lr": 0.004, "weight_decay": 5e-4},
+            "schedule": {"name": "onecycle", "per": "step"},
+            "train": {"epochs": 3, "log_every_s": 60, "log_images": False},
+        },
+        quiet=True,
+    )
+    bundle = load_bundle(result.best_checkpoint)
+    assert bundle.multilabel and bundle.thresholds is not None
+    head = bundle.module.get_classifier()
+    with torch.no_grad():
+        head.weight.mul_(SCALE)
+        head.bias.mul_(SCALE)
+    original = out / "mosaic" / "overconfident.pt"
+    save_checkpoint(original, {**bundle.checkpoint, "model": bundle.module.state_dict()})
+    calibrated = out / "mosaic" / "calibrated.pt"
+    assert main(["calibrate", "--checkpoint", str(original), "--out", str(calibrated), "--workers", "0"]) == 0
+    return {"dir": out / "mosaic", "original": original, "calibrated": calibrated}
+
+
+def test_multilabel_calibration_shares_one_temperature_and_keeps_every_label(multilabel_run):
+    result = json.loads((multilabel_run["dir"] / "calibration" / "calibration.json").read_text())
+    before, after, t = result["before"], result["after"], result["temperature"]
+    assert result["multilabel"] and result["split"] == "val" and t > 2.0
+    assert after["ece"] < 0.6 * before["ece"] and after["nll"] < before["nll"]
+    for key in ("map", "f1_macro", "exact_match"):  # rankings and decisions unchanged
+        assert after[key] == pytest.approx(before[key], abs=1e-12), key
+    old, new = load_bundle(multilabel_run["original"]), load_bundle(multilabel_run["calibrated"])
+    assert new.multilabel and new.temperature == t and new.thresholds != old.thresholds
+    # On the validation mosaics: sigmoid(logits / T), and exactly the same labels above the moved thresholds.
+    from resnetkit.data import build_dataset
+
+    dataset = build_dataset(old.checkpoint["config"]["data"]["name"], "val", image_size=32)
+    x = torch.stack([old.transform(dataset[i][0]) for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = old.model(x).double()
+    probs = Predictor(new).probabilities(x)
+    assert torch.allclose(probs, (logits / t).sigmoid().float(), atol=1e-5)
+    old_labels = Predictor(old).label_indices(Predictor(old).probabilities(x))
+    new_labels = Predictor(new).label_indices(probs)
+    assert [sorted(i for i, _ in row) for row in old_labels] == [sorted(i for i, _ in row) for row in new_labels]
+    assert any(row for row in new_labels)  # some labels predicted, so the comparison says something
