@@ -224,7 +224,8 @@ def multilabel_run(cifar10_jpg, tmp_path_factory):
     head = bundle.module.get_classifier()
     with torch.no_grad():
         head.weight.mul_(SCALE)
-        head.bias.mul_(SCALE)
+        if head.bias is not None:  # resnet9's head has none
+            head.bias.mul_(SCALE)
     original = out / "mosaic" / "overconfident.pt"
     save_checkpoint(original, {**bundle.checkpoint, "model": bundle.module.state_dict()})
     calibrated = out / "mosaic" / "calibrated.pt"
