@@ -30,7 +30,12 @@ def main() -> None:
 
     bundle = load_bundle(args.checkpoint)
     model, data_cfg = bundle.module, bundle.checkpoint["config"]["data"]
-    data = load_detection_data(args.data or data_cfg["name"], args.split, class_agnostic=data_cfg["class_agnostic"])
+    data = load_detection_data(
+        args.data or data_cfg["name"],
+        args.split,
+        class_agnostic=data_cfg["class_agnostic"],
+        image_size=data_cfg.get("image_size") or 512,  # shapes-multi renders at the detector's size
+    )
     picks = torch.linspace(0, len(data) - 1, args.count).round().long().tolist()
     tiles = []
     print(f"{'image':<60} {'score':>6} {'IoU':>6}")

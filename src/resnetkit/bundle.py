@@ -37,8 +37,11 @@ class Bundle:
     model: an nn.Module in eval mode, or (for an ONNX file) an onnxruntime session with the same call: a float NCHW
         batch in, logits out. Detectors and segmenters are their task's nn.Module.
     named_classes: False when the class names are made-up indices ("0", "1", ...) for a head nothing names.
+    multilabel: a multi-label classifier (task "classification" still): one sigmoid per class, and every class
+        whose probability reaches its `thresholds` entry (0.5 where there are none) is predicted.
     kind: "checkpoint" (a training checkpoint), "export" (an exported file) or "weights" (a zoo name with weights).
     checkpoint: the training checkpoint it came from (None for exports and bare weights).
+    temperature: the classifier's temperature (`resnetkit calibrate`): probabilities are softmax(logits / T).
     """
 
     model: nn.Module | Callable
@@ -52,6 +55,9 @@ class Bundle:
     checkpoint: dict[str, Any] | None = field(default=None, repr=False)
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
     model_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
+    multilabel: bool = False
+    thresholds: list[float] | None = None
+    temperature: float = 1.0
 
     @property
     def module(self) -> nn.Module:
@@ -128,6 +134,8 @@ def _from_checkpoint(path: Path, use_ema: bool) -> Bundle:
         if key not in ckpt:
             raise CheckpointError(f"{path} lacks {key!r}: it was not written by resnetkit train")
     task = task_of(ckpt)
+    multilabel = task == "multilabel"
+    task = "classification" if multilabel else task  # a multi-label classifier is a classifier
     net = get_task(task).rebuild(ckpt["model_name"], ckpt["model_kwargs"])
     state = ckpt.get("model_ema") if use_ema and ckpt.get("model_ema") else ckpt["model"]
     if use_ema and not ckpt.get("model_ema"):
@@ -155,6 +163,9 @@ def _from_checkpoint(path: Path, use_ema: bool) -> Bundle:
         kind="checkpoint",
         checkpoint=ckpt,
         model_kwargs=ckpt["model_kwargs"],
+        multilabel=multilabel,
+        thresholds=ckpt.get("thresholds_ema" if use_ema else "thresholds") if multilabel else None,
+        temperature=float(ckpt.get("temperature", 1.0)),
     )
 
 
@@ -197,6 +208,7 @@ def _from_weights(name: str, weights: str | None, preset: str | None) -> Bundle:
         named_classes=named,
         kind="weights",
         model_kwargs={"num_classes": num_classes},
+        temperature=float(ckpt.get("temperature", 1.0)),
     )
 
 
@@ -248,6 +260,9 @@ def _metadata_bundle(model, meta: dict[str, Any], path: Path) -> Bundle:
         kind="export",
         metadata=meta,
         model_kwargs=meta.get("model_kwargs") or {},
+        multilabel=bool(meta.get("multilabel", False)),
+        thresholds=meta.get("thresholds"),
+        temperature=float(meta.get("temperature", 1.0)),
     )
 
 

@@ -20,7 +20,7 @@ COMMAND_MODULES = [
     "resnetkit.data.cli",  # data stats|info
     "resnetkit.train.cli",  # train (every task)
     "resnetkit.study.cli",  # compare, tune, lr-find
-    "resnetkit.evaluation.cli",  # eval (every task), report, explain
+    "resnetkit.evaluation.cli",  # eval (every task), calibrate, report, explain
     "resnetkit.deploy.cli",  # predict (every task), serve, export, quantize, bench infer
 ]
 

@@ -23,7 +23,10 @@ T = TypeVar("T")
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "linear", "onecycle", "plateau")
-TASKS = ("classification", "detection", "segmentation")
+TASKS = ("classification", "multilabel", "detection", "segmentation")
+LOSSES = ("ce", "bce", "focal", "asymmetric")
+SINGLE_LABEL_LOSSES = ("ce", "focal")
+MULTILABEL_LOSSES = ("bce", "focal", "asymmetric")
 SEGMENTATION_HEADS = ("unet", "fcn")
 SEGMENTATION_LOSSES = ("ce", "dice", "ce+dice")
 
@@ -123,6 +126,8 @@ class DataConfig:
     whitespace."""
     class_columns: list[str] | None = None
     """CSV/TSV listings: one 0/1 column per class (multi-label); [] takes every column but the path and split."""
+    multilabel: bool = False
+    """Several labels per image (the same as `task: multilabel`)."""
 
     def __post_init__(self) -> None:
         _check_choice("data.sampler", self.sampler, ("none", "balanced"))
@@ -373,9 +378,48 @@ class SegmentationConfig:
 
 
 @dataclass
+class LossConfig:
+    """The classification loss (task: classification or multilabel)."""
+
+    name: str | None = None
+    """ce (cross-entropy) or focal for classification; bce (binary cross-entropy on the logits), focal (sigmoid
+    focal loss) or asymmetric (ASL, Ridnik et al. 2021) for multilabel. None: ce for classification, bce for
+    multilabel."""
+    class_weights: str | list[float] | None = None
+    """null (every class counts the same), "auto" (inverse class frequency of the training set, normalised to mean
+    1), or one weight per class: each class's loss term is multiplied by its weight."""
+    focal_gamma: float = 2.0
+    """focal: the focusing exponent (Lin et al. 2017); 0 is cross-entropy (or BCE)."""
+    asl_gamma_neg: float = 4.0
+    """asymmetric: the focusing exponent of negative labels."""
+    asl_gamma_pos: float = 0.0
+    """asymmetric: the focusing exponent of positive labels."""
+    asl_clip: float = 0.05
+    """asymmetric: probability margin shifted off the negatives (easy negatives below it count nothing)."""
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            _check_choice("loss.name", self.name, LOSSES)
+        if isinstance(self.class_weights, str) and self.class_weights != "auto":
+            raise ConfigError(
+                f"loss.class_weights: expected null, 'auto' or a list of weights, got {self.class_weights!r}"
+            )
+        if isinstance(self.class_weights, list) and not (
+            self.class_weights and all(w >= 0 for w in self.class_weights) and any(w > 0 for w in self.class_weights)
+        ):
+            raise ConfigError(f"loss.class_weights: weights must be >= 0 and not all 0, got {self.class_weights}")
+        for key in ("focal_gamma", "asl_gamma_neg", "asl_gamma_pos"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"loss.{key}: must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.asl_clip < 1:
+            raise ConfigError(f"loss.asl_clip: must be in [0, 1), got {self.asl_clip}")
+
+
+@dataclass
 class Config:
     task: str = "classification"
-    """classification, detection or segmentation: what the model learns; every task trains with this engine."""
+    """classification, multilabel (several labels per image), detection or segmentation: what the model learns;
+    every task trains with this engine."""
     name: str = "run"
     """The run folder's name: outputs go to <output_dir>/<name>/."""
     output_dir: str = "runs"
@@ -389,9 +433,12 @@ class Config:
     """task: detection only."""
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     """task: segmentation only."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """task: classification and multilabel."""
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
+        self._check_labels()
         if self.task == "detection" and self.model.freeze != "none":
             raise ConfigError(
                 f"model.freeze={self.model.freeze!r}: a detector's frozen blocks are set by "
@@ -403,6 +450,29 @@ class Config:
             for key, unset in (("val_fraction", None), ("splits", None), ("sampler", "none")):
                 if getattr(self.data, key) != unset:
                     raise ConfigError(f"data.{key} applies to classification, not to task {self.task!r}")
+
+    def _check_labels(self) -> None:
+        """task multilabel and data.multilabel say the same; the loss section fits the task (resolved here)."""
+        d, loss = self.data, self.loss
+        if d.multilabel and self.task in ("detection", "segmentation"):
+            raise ConfigError(f"data.multilabel applies to classification (task: multilabel), not task {self.task!r}")
+        if d.multilabel or self.task == "multilabel":
+            self.task, d.multilabel = "multilabel", True
+        if self.task not in ("classification", "multilabel"):
+            return
+        allowed = MULTILABEL_LOSSES if self.task == "multilabel" else SINGLE_LABEL_LOSSES
+        loss.name = loss.name or allowed[0]
+        if loss.name not in allowed:
+            other = "multilabel" if self.task == "classification" else "classification"
+            raise ConfigError(
+                f"loss.name={loss.name!r} is a loss for task {other}; task {self.task} takes {', '.join(allowed)}"
+            )
+        if self.task == "multilabel" and (d.mixup_alpha > 0 or d.cutmix_alpha > 0):
+            raise ConfigError("data.mixup_alpha and data.cutmix_alpha mix single labels; task multilabel takes neither")
+        if self.train.label_smoothing > 0 and loss.name != "ce":
+            raise ConfigError(
+                f"train.label_smoothing smooths cross-entropy (loss.name: ce), not loss.name={loss.name!r}"
+            )
 
     @property
     def run_dir(self) -> Path:

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="predictions for images or folders of images: top-k classes, boxes, or masks (by the model's task)",
         description="Run a model (a checkpoint of any task, an exported file, or a zoo model with weights) on "
-        "images. Classifiers print the top-k classes; detectors and segmenters draw boxes or overlays into --out. "
+        "images. Classifiers print the top-k classes (multi-label ones also every label at or above its "
+        "threshold); detectors and segmenters draw boxes or overlays into --out. "
         "Unreadable files are reported and skipped; the exit code is 1 if any was.",
     )
     add_model_source(p)
@@ -173,6 +174,16 @@ def _print_results(results: list[dict], fmt: str) -> None:
     if fmt == "json":
         json.dump(results, sys.stdout, indent=2)
         print()
+    elif fmt == "csv" and any("labels" in r for r in results):  # multi-label: one row per label predicted
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["file", "label", "index", "prob", "threshold", "error"])
+        for r in results:
+            if "error" in r:
+                writer.writerow([r["file"], "", "", "", "", r["error"]])
+            elif not r["labels"]:
+                writer.writerow([r["file"], "", "", "", "", ""])
+            for p in r.get("labels", []):
+                writer.writerow([r["file"], p["class"], p["index"], f"{p['prob']:.6f}", f"{p['threshold']:.6f}", ""])
     elif fmt == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(["file", "rank", "class", "index", "prob", "error"])
@@ -185,15 +196,18 @@ def _print_results(results: list[dict], fmt: str) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        multilabel = any("labels" in r for r in results)
         table = Table(show_lines=True)
-        for col in ("file", "class", "prob"):
+        for col in ("file", "labels", "class", "prob") if multilabel else ("file", "class", "prob"):
             table.add_column(col, justify="right" if col == "prob" else "left", overflow="fold")
         for r in results:
             if "error" in r:
-                table.add_row(r["file"], f"[red]{r['error']}[/red]", "")
+                table.add_row(r["file"], f"[red]{r['error']}[/red]", *[""] * (1 + multilabel))
             else:
+                labels = ["\n".join(f"{p['class']} {p['prob']:.3f}" for p in r["labels"]) or "-"] if multilabel else []
                 table.add_row(
                     r["file"],
+                    *labels,
                     "\n".join(p["class"] for p in r["top_k"]),
                     "\n".join(f"{p['prob']:.3f}" for p in r["top_k"]),
                 )
@@ -240,7 +254,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         bundle.classes,
         model_name=bundle.name,
         model_kwargs=bundle.model_kwargs,
+        temperature=bundle.temperature,
         tolerance=args.tolerance,
+        multilabel=bundle.multilabel,
+        thresholds=bundle.thresholds,
     )
     print(report.summary())
     return 0
@@ -270,7 +287,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             model_name=bundle.name,
             model_kwargs=bundle.model_kwargs,
+            temperature=bundle.temperature,
             progress=bar.update,
+            multilabel=bundle.multilabel,
+            thresholds=bundle.thresholds,
         )
     print(report.summary())
     if args.min_agreement is not None and report.agreement < args.min_agreement:

@@ -2,7 +2,8 @@
 
     resnetkit export --checkpoint runs/cifar/best.pt --format onnx --out model.onnx
 
-Every format gets a dynamic batch size and carries its metadata (model name, input size, mean, std, class names)
+Every format gets a dynamic batch size and carries its metadata (model name, input size, mean, std, class names;
+for a multi-label classifier `multilabel` and its per-class `thresholds`; the temperature of a calibrated classifier)
 inside the file (ONNX metadata_props, a TorchScript extra file, the safetensors header) and beside it as
 `PATH.json`; `resnetkit.bundle.load_bundle` reads any of them back (and `read_metadata` the metadata alone). An
 export is declared done only after the exported file, read back, reproduces the eager model's logits on a batch of
@@ -65,12 +66,18 @@ def export_model(
     *,
     model_name: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    temperature: float = 1.0,
     tolerance: float = 1e-4,
+    multilabel: bool = False,
+    thresholds: list[float] | None = None,
 ) -> ExportReport:
     """Write `model` to `path` in `format`, embed the metadata, write `PATH.json`, and verify the file.
 
     `preprocess` is the checkpoint's dict (`input_size`, `mean`, `std`, ...); `model_name`/`model_kwargs` let a
-    safetensors file be rebuilt with `create_model`. Raises ExportError (and removes the files) when the exported
+    safetensors file be rebuilt with `create_model`; `multilabel` and `thresholds` (a multi-label classifier's
+    per-class decision thresholds) travel in the metadata for predict and serve, and so does `temperature`
+    (`resnetkit calibrate`'s T): the file still outputs logits, and whoever turns them into probabilities (the
+    Predictor of its bundle) divides them by T first. Raises ExportError (and removes the files) when the exported
     model's logits differ from the eager model's by more than `tolerance`.
     """
     if format not in FORMATS:
@@ -96,6 +103,9 @@ def export_model(
         "std": preprocess.get("std"),
         "classes": list(classes) if classes is not None else None,
         "preprocess": preprocess,
+        "multilabel": multilabel,
+        "thresholds": list(thresholds) if thresholds is not None else None,
+        "temperature": float(temperature),
         "resnetkit_version": _version(),
     }
     generator = torch.Generator().manual_seed(0)
@@ -216,7 +226,7 @@ def _run_safetensors(path: Path, x: torch.Tensor, model: nn.Module) -> torch.Ten
 def _string_metadata(metadata: dict) -> dict[str, str]:
     """Both ONNX and safetensors keep str -> str maps: the whole record as JSON, plus the common keys alone."""
     flat = {"resnetkit": json.dumps(metadata)}
-    for key in ("model_name", "input_size", "mean", "std", "classes"):
+    for key in ("model_name", "input_size", "mean", "std", "classes", "temperature"):
         if metadata.get(key) is not None:
             value = metadata[key]
             flat[key] = value if isinstance(value, str) else json.dumps(value)

@@ -205,8 +205,11 @@ def quantize_from_images(
     batch_size: int = 64,
     model_name: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    temperature: float = 1.0,
     threads: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    multilabel: bool = False,
+    thresholds: list[float] | None = None,
 ) -> QuantizeReport:
     """int8 from real images: calibrate on `calib` of them, then measure the top-1 agreement with the fp32 model on
     up to `check` others (never seen by the calibration).
@@ -214,7 +217,7 @@ def quantize_from_images(
     The two sets come from `calibration_split` (a shuffle with a fixed seed). Images are prepared with the model's
     own evaluation preprocessing; unreadable files are skipped and listed in the report. Writes `out_path`
     (metadata embedded, as `resnetkit export` does) and `out_path.json`. `progress(stage, done, total)` is called
-    after each batch.
+    after each batch. `multilabel` and `thresholds` travel in the metadata, as for `export_model`.
     """
     from resnetkit.data import eval_transform_from
     from resnetkit.deploy.predict import read_batches
@@ -243,7 +246,16 @@ def quantize_from_images(
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         export = export_model(
-            model, fp32_path, "onnx", preprocess, classes, model_name=model_name, model_kwargs=model_kwargs
+            model,
+            fp32_path,
+            "onnx",
+            preprocess,
+            classes,
+            model_name=model_name,
+            model_kwargs=model_kwargs,
+            temperature=temperature,
+            multilabel=multilabel,
+            thresholds=thresholds,
         )
         quantize_onnx(fp32_path, out_path, calibration, method=method, fp32_ends=fp32_ends)
         fp32_ort = OnnxRuntimeModel(fp32_path, threads=threads)

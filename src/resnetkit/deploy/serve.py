@@ -3,7 +3,8 @@
     resnetkit serve --checkpoint runs/cifar/best.pt --port 8000      # then open http://127.0.0.1:8000/
     curl -F files=@cat.jpg 'http://127.0.0.1:8000/v1/predict?top_k=3'
 
-Endpoints: POST /v1/predict (multipart field `files`, one or several images; query `top_k`), POST /v1/explain
+Endpoints: POST /v1/predict (multipart field `files`, one or several images; query `top_k`; a multi-label model
+also answers each image's "labels", every class at or above its threshold), POST /v1/explain
 (field `file`: the Grad-CAM overlay of the top class as a base64 PNG), GET /v1/model, GET /health, GET /metrics,
 GET /docs (OpenAPI), GET / (the web page).
 
@@ -344,7 +345,16 @@ def load_predictor(config: ServeConfig) -> tuple[Predictor, nn.Module | None]:
 
         with tempfile.TemporaryDirectory(prefix="resnetkit-serve-") as tmp:
             onnx = Path(tmp) / f"{predictor.name}.onnx"
-            export_model(eager, onnx, "onnx", predictor.preprocess, predictor.classes, model_name=predictor.name)
+            export_model(
+                eager,
+                onnx,
+                "onnx",
+                predictor.preprocess,
+                predictor.classes,
+                model_name=predictor.name,
+                multilabel=bundle.multilabel,
+                thresholds=bundle.thresholds,
+            )
             predictor.model = OnnxRuntimeModel(onnx, threads=config.threads or None)  # the session holds the graph
     return predictor, eager
 
@@ -429,7 +439,10 @@ def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Modu
             "num_classes": len(predictor.classes),
             "input_size": predictor.input_size,
             "preprocess": predictor.preprocess,
+            "temperature": predictor.temperature,
             "backend": config.backend,
+            "multilabel": predictor.multilabel,
+            "thresholds": predictor.thresholds,
             "version": __version__,
             "max_batch": config.max_batch,
             "max_wait_ms": config.max_wait_ms,
@@ -439,7 +452,11 @@ def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Modu
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/predict", summary="classify one or several images (multipart field `files`)")
+    @app.post(
+        "/v1/predict",
+        summary="classify one or several images (multipart field `files`): the top-k classes, and for a "
+        "multi-label model every label at or above its threshold",
+    )
     async def predict(
         files: list[UploadFile] = File(..., description="one or more image files"),
         top_k: int = Query(5, ge=1, le=config.max_top_k),
@@ -448,14 +465,11 @@ def create_app(predictor: Predictor, config: ServeConfig, explain_model: nn.Modu
         images = await read_images(files)
         batch = await run_in_threadpool(predictor.to_tensor, images)
         probs = await asyncio.gather(*(state["batcher"].submit(x) for x in batch))
-        ranked = predictor.top_indices(torch.stack(probs), top_k)
+        ranked = predictor.ranked(torch.stack(probs), top_k)
         return {
             "model": predictor.name,
             "latency_ms": round(1000 * (time.perf_counter() - start), 2),
-            "predictions": [
-                {"file": f.filename, "top_k": [{"class": predictor.classes[i], "index": i, "prob": p} for i, p in top]}
-                for f, top in zip(files, ranked)
-            ],
+            "predictions": [{"file": f.filename, **record} for f, record in zip(files, ranked)],
         }
 
     @app.post("/v1/explain", summary="Grad-CAM overlay of the top class (multipart field `file`), base64 PNG")
@@ -475,7 +489,8 @@ def _explain(model: nn.Module, predictor: Predictor, image) -> dict[str, Any]:
 
     x = predictor.to_tensor([image])
     with torch.no_grad():
-        probs = model(x).float().softmax(1)[0]
+        logits = model(x).float() / predictor.temperature
+        probs = (logits.sigmoid() if predictor.multilabel else logits.softmax(1))[0]
     index = int(probs.argmax())
     heat = gradcam(model, x, class_idx=index)[0]
     view = _model_view(to_pil(image), predictor.preprocess)

@@ -7,6 +7,11 @@
     >>> result = resnetkit.evaluation.evaluate("runs/demo/best.pt", out_dir="runs/demo/eval")
     >>> result["top1"], result["ece"]
 
+A multi-label checkpoint (task multilabel) is evaluated with the multi-label metrics instead (mAP, per-class AP,
+precision, recall and F1 at the checkpoint's thresholds, exact-match ratio, Hamming loss) and a precision-recall
+plot. eval.json also holds the class distribution of each split (the training and validation data from the
+checkpoint, the evaluated split counted here).
+
 Under DDP (torch.distributed initialised, e.g. by torchrun) each rank evaluates every world_size-th sample, with
 no padding duplicates, and the metric counters are summed across ranks: the numbers equal a single-process run.
 Only rank 0 writes files.
@@ -24,7 +29,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from resnetkit.evaluation.metrics import ClassificationMetrics
+from resnetkit.evaluation.metrics import (
+    ClassificationMetrics,
+    MultilabelMetrics,
+    multilabel_metrics,
+    precision_recall_curve,
+)
+from resnetkit.fileio import write_atomic
 
 if TYPE_CHECKING:
     from resnetkit.bundle import Bundle
@@ -75,12 +86,20 @@ def _data_from_checkpoint(ckpt: dict, path: str) -> tuple[str, dict[str, Any]]:
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, tta: str | None) -> torch.Tensor:
-    """Logits, or with tta="flip" the log of the softmax averaged over the image and its mirror image."""
-    logits = model(images)
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, tta: str | None, multilabel: bool = False, temperature: float = 1.0
+) -> torch.Tensor:
+    """Logits / temperature, or with tta="flip" the log of softmax(logits / temperature) averaged over the image and
+    its mirror image (multi-label: the log-odds of the averaged sigmoids)."""
+    logits = model(images) / temperature
     if tta is None:
         return logits
-    probs = (logits.float().softmax(1) + model(images.flip(-1)).float().softmax(1)) / 2
+    mirrored = model(images.flip(-1)) / temperature
+    if multilabel:
+        from resnetkit.tasks.multilabel import mean_sigmoid_logits
+
+        return mean_sigmoid_logits(logits.float(), mirrored.float())
+    probs = (logits.float().softmax(1) + mirrored.float().softmax(1)) / 2
     return probs.log()
 
 
@@ -100,9 +119,12 @@ def evaluate(
     use_ema: bool = False,
     model_name: str | None = None,
     progress: bool = False,
+    multilabel: bool = False,
+    thresholds: list[float] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a classifier over the whole split and return eval.json's contents; with `out_dir`, write eval.json,
-    confusion_matrix.png/.csv, reliability.png and misclassified.png there.
+    confusion_matrix.png/.csv, reliability.png and misclassified.png there (multi-label: eval.json and
+    pr_curves.png).
 
     source: a checkpoint or exported file, or a Bundle (`resnetkit.bundle.load_bundle`): classes, preprocessing and
         (for a checkpoint) the default dataset come from it; or a bare model, for which `preprocess` is needed and
@@ -110,6 +132,7 @@ def evaluate(
     data: a dataset name or folder (see `resnetkit.data.build_dataset`); default: the checkpoint's training data.
     tta: None, or "flip" (average the softmax over the image and its horizontal mirror).
     model_name: how eval.json names a bare model (default: its class name).
+    multilabel, thresholds: a bare model's kind and decision thresholds (a bundle says its own).
     """
     from resnetkit.bundle import Bundle, load_bundle
     from resnetkit.data import build_dataset, collate_skipping, eval_transform_from
@@ -119,6 +142,7 @@ def evaluate(
     started = time.time()
     info: dict[str, Any] = {}
     options: dict[str, Any] = {}
+    temperature = 1.0  # a calibrated bundle's T: loss, ECE and the reliability diagram are those of predict's output
     if isinstance(source, nn.Module):
         model = source
         if preprocess is None:
@@ -133,7 +157,8 @@ def evaluate(
         bundle = source if isinstance(source, Bundle) else load_bundle(source, use_ema=use_ema)
         if bundle.task != "classification":
             raise ValueError(f"{bundle.source} is a {bundle.task} model: evaluate it with evaluate_task")
-        model = bundle.model
+        model, temperature = bundle.model, bundle.temperature
+        multilabel, thresholds = bundle.multilabel, bundle.thresholds
         classes = classes or (bundle.classes if bundle.named_classes else None)
         preprocess = preprocess or bundle.preprocess
         if data is None:
@@ -153,6 +178,9 @@ def evaluate(
     dataset = build_dataset(data, split, transform=transform, image_size=image_size, **options)
     classes = list(classes or dataset.classes)
     label_map = _label_map(dataset.classes, classes, str(data))
+    if bool(getattr(dataset, "multilabel", False)) != multilabel:
+        kind = "several labels" if multilabel else "one label"
+        raise ValueError(f"data {data}: the model predicts {kind} per image, the dataset {split} split does not")
 
     rank, world_size = _rank_world()
     indices = list(range(rank, len(dataset), world_size))  # a strided shard: every sample exactly once overall
@@ -169,14 +197,22 @@ def evaluate(
         model.to(device).eval()
     else:  # an onnxruntime session runs on the CPU
         was_training, device = False, torch.device("cpu")
-    metrics = ClassificationMetrics(len(classes), keep_worst=WORST_SHOWN)
+    if multilabel:
+        metrics: Any = MultilabelMetrics(len(classes))
+    else:
+        metrics = ClassificationMetrics(len(classes), keep_worst=WORST_SHOWN)
     skipped: list[tuple[str, str]] = []
     with _progress(len(loader), f"eval {split}", progress and rank == 0) as bar:
         for images, labels, bad in loader:
             skipped += bad
             if len(labels):
-                logits = predict_logits(model, images.to(device, non_blocking=True), tta)
-                metrics.update(logits, label_map[labels], images)
+                logits = predict_logits(model, images.to(device, non_blocking=True), tta, multilabel, temperature)
+                if multilabel:  # the dataset's columns into the model's, by class name
+                    targets = torch.zeros(len(labels), len(classes))
+                    targets[:, label_map] = labels.float()
+                    metrics.update(logits, targets)
+                else:
+                    metrics.update(logits, label_map[labels], images)
             bar.update(1)
     if isinstance(model, nn.Module):
         model.train(was_training)
@@ -186,11 +222,25 @@ def evaluate(
         "data": str(data),
         "split": split,
         "tta": tta,
+        "temperature": temperature,
         "num_classes": len(classes),
         "classes": classes,
         "preprocess": preprocess,
-        **metrics.compute(classes),
+        "multilabel": multilabel,
     }
+    counts = dict((bundle.checkpoint or {}).get("class_counts") or {}) if not isinstance(source, nn.Module) else {}
+    if multilabel:
+        scores, targets, loss_sum = metrics.gathered()
+        result.update(multilabel_metrics(scores, targets, classes, thresholds, loss_sum=loss_sum))
+        result["thresholds_from"] = "checkpoint" if thresholds is not None else "default 0.5"
+        result["class_distribution"] = {**counts, split: [r["support"] for r in result["per_class"]]}
+        result.update(skipped=[{"path": p, "reason": r} for p, r in skipped], device=str(device))
+        result.update(world_size=world_size, seconds=round(time.time() - started, 3))
+        if out_dir is not None and rank == 0:
+            write_multilabel_outputs(result, scores, targets, out_dir)
+        return result
+    result.update(metrics.compute(classes))
+    result["class_distribution"] = {**counts, split: [r["support"] for r in result["per_class"]]}
     result["top_confusions"] = top_confusions(result["confusion_matrix"], classes)
     worst = metrics.gathered_worst()
     result["misclassified"] = [{"true": classes[t], "predicted": classes[p], "confidence": c} for c, t, p, _ in worst]
@@ -275,7 +325,24 @@ def write_outputs(result: dict[str, Any], worst: list, preprocess: dict[str, Any
     images = denormalise(torch.stack([w[3] for w in shown]), preprocess) if shown else torch.zeros(0, 3, 1, 1)
     labels = [(classes[t], classes[p], c) for c, t, p, _ in shown]
     report.plot_misclassified(images, labels, out / "misclassified.png")
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(out / "eval.json", json.dumps(result, indent=2) + "\n")
+    return out
+
+
+def write_multilabel_outputs(result: dict[str, Any], scores: torch.Tensor, targets: torch.Tensor, out_dir) -> Path:
+    """eval.json and pr_curves.png (each class's precision-recall curve, its AP in the legend) in `out_dir`."""
+    from resnetkit.evaluation import figures
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = []
+    for c, row in enumerate(result["per_class"]):
+        if row["ap"] is not None:
+            precision, recall = precision_recall_curve(scores[:, c], targets[:, c])
+            curves.append((row["class"], precision, recall, row["ap"]))
+    title = f"{result['model']} on {Path(result['data']).name} {result['split']}: mAP {result['map']:.3f}"
+    figures.plot_pr_curves(curves, out / "pr_curves.png", title=title)
+    write_atomic(out / "eval.json", json.dumps(result, indent=2) + "\n")
     return out
 
 
@@ -341,7 +408,5 @@ def evaluate_task(
         "seconds": round(time.time() - started, 3),
     }
     if out_dir is not None and rank == 0:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(Path(out_dir) / "eval.json", json.dumps(result, indent=2) + "\n")
     return result

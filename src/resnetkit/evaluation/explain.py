@@ -162,10 +162,14 @@ def explain_top_k(
     classes: Sequence[str],
     top_k: int = 3,
     layer: str | None = None,
+    multilabel: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[Image.Image, list[dict]]:
-    """Grad-CAM for the `top_k` most probable classes of one image.
+    """Grad-CAM for the `top_k` most probable classes of one image (multilabel: probabilities are per-class
+    sigmoids).
 
-    image: uint8 RGB (3, H, W), as `decode_image` gives it.
+    image: uint8 RGB (3, H, W), as `decode_image` gives it. temperature: the probabilities are softmax(logits / T)
+    (a calibrated bundle's `temperature`).
     Returns the image as the model saw it (resized and centre-cropped, un-normalised) and, per class, a dict with
     `class`, `index`, `probability` and `heatmap` ((H, W) at the model's input resolution, aligned with that view).
     """
@@ -175,7 +179,8 @@ def explain_top_k(
     device = next(model.parameters()).device
     x = x.to(device)
     with torch.no_grad():
-        probs = model.eval()(x).float().softmax(1)[0]
+        logits = model.eval()(x).float() / temperature
+        probs = (logits.sigmoid() if multilabel else logits.softmax(1))[0]
     if len(classes) != probs.numel():
         raise ValueError(f"{len(classes)} class names for a model with {probs.numel()} outputs")
     top = probs.topk(min(top_k, probs.numel()))
@@ -247,7 +252,14 @@ def explain_files(
     records, used = [], set()
     for path in paths:
         view, entries = explain_top_k(
-            bundle.module, decode_image(path), bundle.preprocess, bundle.classes, top_k, layer
+            bundle.module,
+            decode_image(path),
+            bundle.preprocess,
+            bundle.classes,
+            top_k,
+            layer,
+            bundle.multilabel,
+            bundle.temperature,
         )
         name = f"{path.stem}_gradcam.png"
         if name in used:  # two inputs with the same file name from different folders

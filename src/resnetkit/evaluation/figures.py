@@ -1,4 +1,5 @@
-"""Figures of an evaluation: the confusion matrix (and its CSV), the reliability diagram, the misclassified grid.
+"""Figures of an evaluation: the confusion matrix (and its CSV), the reliability diagram, the misclassified grid;
+for a multi-label model the precision-recall curves.
 
 Written by `resnetkit.evaluation.evaluate` into the eval folder and embedded by the run report.
 """
@@ -109,9 +110,18 @@ def plot_confusion_matrix(confusion: list[list[int]], classes: list[str], path: 
     return save_figure(fig, path)
 
 
-def plot_reliability(calibration: list[dict[str, Any]], ece: float, path: str | Path) -> Path:
+def plot_reliability(
+    calibration: list[dict[str, Any]],
+    ece: float,
+    path: str | Path,
+    title: str = "",
+    xlabel: str = "confidence (max softmax probability)",
+    ylabel: str = "accuracy",
+) -> Path:
     """Reliability diagram: accuracy against confidence per bin (a perfectly calibrated model lies on the
-    diagonal), the gap shaded, and below it how many samples fall in each bin."""
+    diagonal), the gap shaded, and below it how many samples fall in each bin. `title` goes before the ECE; a
+    multi-label model's bins are of per-label probabilities against the fraction of labels present (`xlabel`,
+    `ylabel`)."""
     plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.0), height_ratios=(3, 1), sharex=True, layout="constrained")
     lower = np.array([b["lower"] for b in calibration])
@@ -128,7 +138,7 @@ def plot_reliability(calibration: list[dict[str, Any]], ece: float, path: str | 
         color="tab:blue",
         edgecolor="black",
         linewidth=0.5,
-        label="accuracy",
+        label=ylabel,
     )
     gap_bottom = np.minimum(accuracy, confidence)[filled]
     top.bar(
@@ -146,12 +156,12 @@ def plot_reliability(calibration: list[dict[str, Any]], ece: float, path: str | 
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
-    top.set_ylabel("accuracy")
-    top.set_title(f"reliability diagram: ECE {ece * 100:.2f}%")
+    top.set_ylabel(ylabel)
+    top.set_title(f"{title or 'reliability diagram'}: ECE {ece * 100:.2f}%")
     top.legend(loc="upper left", fontsize=8)
     top.grid(alpha=0.3)
     bottom.bar(lower, count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
-    bottom.set_xlabel("confidence (max softmax probability)")
+    bottom.set_xlabel(xlabel)
     bottom.set_ylabel("samples")
     bottom.grid(alpha=0.3)
     return save_figure(fig, path)
@@ -183,6 +193,46 @@ def plot_misclassified(images: torch.Tensor, labels: list[tuple[str, str, float]
             f"true: {_short(true)}\npred: {_short(predicted)} ({confidence:.0%})", fontsize=9, color="firebrick"
         )
     fig.suptitle("most confidently misclassified", fontsize=11)
+    return save_figure(fig, path)
+
+
+LEGEND_CLASSES = 20  # beyond this, the precision-recall plot names only the best and worst classes
+
+
+def plot_pr_curves(
+    curves: list[tuple[str, list[float], list[float], float]], path: str | Path, title: str = ""
+) -> Path:
+    """Per class a precision-recall curve (step-wise, as average precision sums it), labelled with its AP in the
+    legend, best first. curves: (class, precision, recall, AP), precision and recall from the highest threshold."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), layout="constrained")
+    ranked = sorted(curves, key=lambda c: -c[3])
+    named = set(range(len(ranked)))
+    if len(ranked) > LEGEND_CLASSES:
+        half = LEGEND_CLASSES // 2
+        named = set(range(half)) | set(range(len(ranked) - half, len(ranked)))
+    colours = plt.get_cmap("tab20" if len(ranked) > 10 else "tab10")
+    for i, (name, precision, recall, ap) in enumerate(ranked):
+        label = f"{_short(name)} (AP {ap:.3f})" if i in named else None
+        ax.step(
+            [0.0, *recall],
+            [precision[0] if precision else 1.0, *precision],
+            where="pre",
+            linewidth=1.2,
+            color=colours(i % colours.N),
+            label=label,
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.grid(alpha=0.3)
+    mean_ap = sum(c[3] for c in curves) / len(curves) if curves else 0.0
+    ax.set_title(f"{title}\n" * bool(title) + f"precision-recall per class, mAP {mean_ap:.3f}", fontsize=10)
+    if curves:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no class has a positive sample", ha="center", va="center")
     return save_figure(fig, path)
 
 

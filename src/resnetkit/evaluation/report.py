@@ -4,8 +4,10 @@ Markdown twin.
     resnetkit report runs/demo            # writes runs/demo/report.html and runs/demo/report.md
 
 The report shows the recipe and resolved config, the training curves and learning-rate schedule (curves.png and
-metrics.jsonl written by training), the final metrics with the per-class table, the confusion matrix, the
-reliability diagram, the misclassified grid, the environment and the wall time. It evaluates best.pt first
+metrics.jsonl written by training), the final metrics with the per-class table beside the class distribution of
+each split, the confusion matrix, the reliability diagram (before and after temperature scaling too, once
+`resnetkit calibrate` has written RUN_DIR/calibration/), the misclassified grid (a multi-label model: per-class AP,
+F1 and thresholds, and the precision-recall curves), the environment and the wall time. It evaluates best.pt first
 (into RUN_DIR/eval/) unless eval/eval.json is already there.
 """
 
@@ -24,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from resnetkit.fileio import write_atomic
 
 
 def _cpu_name() -> str:
@@ -123,11 +127,15 @@ def gather_run(run_dir: str | Path, evaluate_if_missing: bool = True, **eval_kwa
         curves = eval_dir / "curves.png"
     config_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
     train_seconds = sum(float(r.get("epoch_time_s", 0.0)) for r in rows)
+    calibration = _read_calibration(run / "calibration" / "calibration.json")
     figures = {
         "curves": curves if curves.is_file() else None,
         "confusion": eval_dir / "confusion_matrix.png",
         "reliability": eval_dir / "reliability.png",
         "misclassified": eval_dir / "misclassified.png",
+        "pr": eval_dir / "pr_curves.png",
+        "reliability_before": run / "calibration" / "reliability_before.png",
+        "reliability_after": run / "calibration" / "reliability_after.png",
     }
     return {
         "name": run.name,
@@ -136,11 +144,43 @@ def gather_run(run_dir: str | Path, evaluate_if_missing: bool = True, **eval_kwa
         "recipe": _recipe(config_text),
         "rows": rows,
         "eval": result,
+        "calibration": calibration,
         "figures": {k: v for k, v in figures.items() if v is not None and v.is_file()},
         "train_seconds": train_seconds,
         "environment": environment(),
         "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def _read_calibration(path: Path) -> dict[str, Any] | None:
+    """calibration.json of `resnetkit calibrate` (None when the run was never calibrated)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+
+
+def _calibration_rows(c: dict[str, Any]) -> list[tuple[str, str, str]]:
+    before, after = c["before"], c["after"]
+    kept = [("mAP", "map"), ("F1 (macro)", "f1_macro"), ("exact match", "exact_match")]
+    kept = kept if c.get("multilabel") else [("top-1 accuracy", "top1")]
+    return [
+        ("temperature", f"{before['temperature']:.4g}", f"{after['temperature']:.4g}"),
+        ("expected calibration error", _pct(before["ece"]), _pct(after["ece"])),
+        ("negative log-likelihood", f"{before['nll']:.4f}", f"{after['nll']:.4f}"),
+        *[(name, _pct(before[key]), _pct(after[key])) for name, key in kept],
+    ]
+
+
+def _calibration_note(c: dict[str, Any], evaluated_at: float) -> str:
+    """Which images the temperature was fitted on, which checkpoint holds it, and the T of the final metrics."""
+    return (
+        f"Temperature scaling (resnetkit calibrate) fitted on {c['data']} [{c['split']}], {c['num_samples']:,} "
+        f"images, written into {c['checkpoint']}. The final metrics above were evaluated at temperature "
+        f"{evaluated_at:.4g}."
+    )
 
 
 def _recipe(config_text: str | None) -> list[tuple[str, str]]:
@@ -167,6 +207,7 @@ def _recipe(config_text: str | None) -> list[tuple[str, str]]:
         ("data", named("data", "preset", "batch_size", "augment")),
         ("optimiser", named("optim", "lr", "momentum", "weight_decay")),
         ("schedule", named("schedule", "warmup")),
+        ("loss", named("loss", "class_weights") if cfg.get("task") in ("classification", "multilabel") else ""),
         ("training", fields("train", "epochs", "label_smoothing", "ema", "amp")),
         ("seed", str(cfg.get("seed", ""))),
     ]
@@ -174,6 +215,17 @@ def _recipe(config_text: str | None) -> list[tuple[str, str]]:
 
 
 def _summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    if result.get("multilabel"):
+        return [
+            ("samples", f"{result['num_samples']:,}"),
+            ("mAP (macro)", f"{result['map']:.4f}"),
+            ("F1 (macro)", _pct(result["f1_macro"])),
+            ("precision / recall (macro)", f"{_pct(result['precision_macro'])} / {_pct(result['recall_macro'])}"),
+            ("exact-match ratio", _pct(result["exact_match"])),
+            ("Hamming loss", f"{result['hamming_loss']:.4f}"),
+            ("labels per image", f"{result['label_cardinality']:.2f}"),
+            ("decision thresholds", result.get("thresholds_from", "-")),
+        ]
     return [
         ("samples", f"{result['num_samples']:,}"),
         ("top-1 accuracy", _pct(result["top1"])),
@@ -182,8 +234,32 @@ def _summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("precision (macro / weighted)", f"{_pct(result['precision_macro'])} / {_pct(result['precision_weighted'])}"),
         ("recall (macro / weighted)", f"{_pct(result['recall_macro'])} / {_pct(result['recall_weighted'])}"),
         ("F1 (macro / weighted)", f"{_pct(result['f1_macro'])} / {_pct(result['f1_weighted'])}"),
+        ("balanced accuracy", _pct(result.get("balanced_accuracy"))),
         ("expected calibration error", _pct(result["ece"])),
     ]
+
+
+def per_class_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The per-class table (header, rows): the metrics, then how many samples of the class each split holds
+    (multi-label: images with the label), the evaluated split's being the support."""
+    split = result.get("split", "")
+    others = [name for name in (result.get("class_distribution") or {}) if name != split]
+    distribution = result.get("class_distribution") or {}
+    if result.get("multilabel"):
+        header = ["class", "AP", "precision", "recall", "F1", "threshold"]
+    else:
+        header = ["class", "precision", "recall", "F1"]
+    header += [f"{split} (support)", *others]
+    rows = []
+    for c, r in enumerate(result["per_class"]):
+        if result.get("multilabel"):
+            ap = "-" if r["ap"] is None else f"{r['ap']:.4f}"
+            row = [r["class"], ap, _pct(r["precision"]), _pct(r["recall"]), _pct(r["f1"]), f"{r['threshold']:.3f}"]
+        else:
+            row = [r["class"], _pct(r["precision"]), _pct(r["recall"]), _pct(r["f1"])]
+        counts = [distribution[name][c] if c < len(distribution[name]) else "-" for name in others]
+        rows.append([*row, str(r["support"]), *map(str, counts)])
+    return header, rows
 
 
 def _last_epoch_rows(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -200,8 +276,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, **gather_kw
     out_dir = Path(out) if out else Path(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    html_path.write_text(render_html(info))
-    md_path.write_text(render_markdown(info, md_path.parent))
+    write_atomic(html_path, render_html(info))
+    write_atomic(md_path, render_markdown(info, md_path.parent))
     return html_path, md_path
 
 
@@ -213,16 +289,6 @@ def table_html(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = Non
 
     head = f"<tr>{cells('th', header)}</tr>" if header else ""
     body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
-    return f"<table>{head}{body}</table>"
-
-
-def _per_class_html(per_class: list[dict[str, Any]]) -> str:
-    head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
-    body = "".join(
-        f"<tr><td>{html.escape(r['class'])}</td><td>{_pct(r['precision'])}</td><td>{_pct(r['recall'])}</td>"
-        f"<td>{_pct(r['f1'])}</td><td>{r['support']}</td></tr>"
-        for r in per_class
-    )
     return f"<table>{head}{body}</table>"
 
 
@@ -273,18 +339,28 @@ def render_html(info: dict[str, Any]) -> str:
         f"<p>{esc(r.get('checkpoint') or r['model'])} on {esc(where)}</p>",
         table_html(_summary_rows(r), ("metric", "value")),
         "<h3>Per class</h3>",
-        _per_class_html(r["per_class"]),
+        "<p class=muted>beside the metrics: the samples of each class in every split (multi-label: the images "
+        "carrying the label)</p>",
+        table_html(per_class_rows(r)[1], per_class_rows(r)[0]),
     ]
     if r.get("top_confusions"):
         rows = [(f"{c['true']} → {c['predicted']}", str(c["count"])) for c in r["top_confusions"]]
         parts += ["<h3>Most frequent confusions</h3>", table_html(rows, ("true → predicted", "count"))]
+    if r.get("multilabel"):
+        parts += ["<h2>Precision-recall curves</h2>", image("pr", "precision-recall curves per class")]
+        if info.get("calibration"):
+            parts += ["<h2>Calibration</h2>", *_calibration_html(info, image)]
+    else:
+        parts += [
+            "<h2>Confusion matrix</h2>",
+            image("confusion", "confusion matrix"),
+            "<h2>Calibration</h2>",
+            image("reliability", "reliability diagram"),
+            *_calibration_html(info, image),
+            "<h2>Most confidently misclassified</h2>",
+            image("misclassified", "misclassified images"),
+        ]
     parts += [
-        "<h2>Confusion matrix</h2>",
-        image("confusion", "confusion matrix"),
-        "<h2>Calibration</h2>",
-        image("reliability", "reliability diagram"),
-        "<h2>Most confidently misclassified</h2>",
-        image("misclassified", "misclassified images"),
         "<h2>Environment and time</h2>",
         table_html(
             [
@@ -298,6 +374,36 @@ def render_html(info: dict[str, Any]) -> str:
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _calibration_html(info: dict[str, Any], image) -> list[str]:
+    c = info.get("calibration")
+    if not c:
+        return []
+    return [
+        "<h3>Before and after temperature scaling</h3>",
+        f"<p>{html.escape(_calibration_note(c, info['eval'].get('temperature', 1.0)))}</p>",
+        table_html(_calibration_rows(c), ("", "before", "after")),
+        image("reliability_before", "reliability diagram before temperature scaling"),
+        image("reliability_after", "reliability diagram after temperature scaling"),
+    ]
+
+
+def _calibration_md(info: dict[str, Any], image) -> list[str]:
+    c = info.get("calibration")
+    if not c:
+        return []
+    return [
+        "### Before and after temperature scaling",
+        "",
+        _calibration_note(c, info["eval"].get("temperature", 1.0)),
+        "",
+        table_md(_calibration_rows(c), ("", "before", "after")),
+        "",
+        image("reliability_before", "reliability before temperature scaling"),
+        image("reliability_after", "reliability after temperature scaling"),
+        "",
+    ]
 
 
 def table_md(rows: Sequence[Sequence[Any]], header: Sequence[str] = ("", "")) -> str:
@@ -358,27 +464,30 @@ def render_markdown(info: dict[str, Any], base: Path) -> str:
         "",
         "### Per class",
         "",
-        "| class | precision | recall | F1 | support |",
-        "|---|---|---|---|---|",
+        table_md(per_class_rows(r)[1], per_class_rows(r)[0]),
+        "",
     ]
+    if r.get("multilabel"):
+        lines += ["## Precision-recall curves", "", image("pr", "precision-recall curves per class"), ""]
+        if info.get("calibration"):
+            lines += ["## Calibration", "", *_calibration_md(info, image)]
+    else:
+        lines += [
+            "## Confusion matrix",
+            "",
+            image("confusion", "confusion matrix"),
+            "",
+            "## Calibration",
+            "",
+            image("reliability", "reliability diagram"),
+            "",
+            *_calibration_md(info, image),
+            "## Most confidently misclassified",
+            "",
+            image("misclassified", "misclassified images"),
+            "",
+        ]
     lines += [
-        f"| {c['class']} | {_pct(c['precision'])} | {_pct(c['recall'])} | {_pct(c['f1'])} | {c['support']} |"
-        for c in r["per_class"]
-    ]
-    lines += [
-        "",
-        "## Confusion matrix",
-        "",
-        image("confusion", "confusion matrix"),
-        "",
-        "## Calibration",
-        "",
-        image("reliability", "reliability diagram"),
-        "",
-        "## Most confidently misclassified",
-        "",
-        image("misclassified", "misclassified images"),
-        "",
         "## Environment and time",
         "",
         table_md(

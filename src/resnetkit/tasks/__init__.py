@@ -1,4 +1,5 @@
-"""Tasks: what is particular to classification, detection and segmentation, as small adapters of the one engine.
+"""Tasks: what is particular to classification (single- and multi-label), detection and segmentation, as small
+adapters of the one engine.
 
 The engine (`resnetkit.train.fit`) owns the loop, the optimiser and schedule, devices, precision, EMA, checkpoints,
 resume, DDP, logging and the run folder. A task supplies only what is its own (see `Task`): its data, its model, the
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 _MODULES = {
     "classification": "resnetkit.tasks.classification",
+    "multilabel": "resnetkit.tasks.multilabel",
     "detection": "resnetkit.tasks.detection",
     "segmentation": "resnetkit.tasks.segmentation",
 }
@@ -81,7 +83,7 @@ class Task:
 
 
 def get_task(name: str) -> Task:
-    """A fresh adapter for the task `name` (classification, detection or segmentation)."""
+    """A fresh adapter for the task `name` (classification, multilabel, detection or segmentation)."""
     if name not in _MODULES:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(_MODULES)}")
     return importlib.import_module(_MODULES[name]).TASK()

@@ -1,7 +1,9 @@
-"""Image classification as a task of the engine: `build_loader` data, a zoo model, cross-entropy (with label
-smoothing and mixup/cutmix), top-1 accuracy.
+"""Image classification as a task of the engine: `build_loader` data, a zoo model, the loss of `loss:`
+(cross-entropy with label smoothing and mixup/cutmix, or focal; class weights), top-1 accuracy.
 
     resnetkit train --config configs/cifar10_fast.yaml
+
+`tasks/multilabel.py` is this task with several labels per image: the same data, model and freezing code.
 """
 
 from __future__ import annotations
@@ -16,31 +18,20 @@ from resnetkit.config import Config, ConfigError
 from resnetkit.tasks import Task
 from resnetkit.train.distributed import DistInfo, all_reduce_sum
 from resnetkit.train.loop import autocast
+from resnetkit.train.losses import build_loss, class_counts, resolve_class_weights
 from resnetkit.train.optim import apply_freeze
 
 
 class ClassificationTask(Task):
     name = "classification"
     metric = "val_acc"
+    multilabel = False
 
     def build_loaders(self, cfg: Config, info: DistInfo):
         from resnetkit.data import build_loader
-        from resnetkit.data.splits import dataset_options
 
         self.cfg = cfg
         d = cfg.data
-        eval_batch = d.eval_batch_size or 2 * d.batch_size
-        common = dict(
-            device=info.device,
-            seed=cfg.seed,
-            workers=d.workers,
-            rank=info.rank,
-            world_size=info.world_size,
-            fast=d.fast,
-            cache_dir=d.cache_dir,
-            image_size=d.image_size,
-            **dataset_options(d, task=cfg.task),  # root, split lists, a listing's columns
-        )
         train_loader = build_loader(
             d.name,
             d.train_split,
@@ -50,19 +41,19 @@ class ClassificationTask(Task):
             augment=tuple(d.augment),
             subset=d.subset,
             sampler=d.sampler,
-            **common,
+            **_loader_options(cfg, info),
         )
         train_loader.set_augmentation(d.train_augment)
-        # Validation images are prepared exactly as the checkpoint will say: the training loader's preprocess.
-        # val_split "" trains without validation (as for detection and segmentation), e.g. an lr range test.
-        val_batch = max(eval_batch // info.world_size, 1)
-        val_loader = None
-        if d.val_split:
-            val_loader = build_loader(
-                d.name, d.val_split, batch_size=val_batch, train=False, preset=train_loader.preprocess, **common
-            )
         self.classes = list(train_loader.classes)
         self.preprocess = dict(train_loader.preprocess)
+        # val_split "" trains without validation (as for detection and segmentation), e.g. an lr range test.
+        val_loader = self.eval_loader(cfg, d.val_split, info) if d.val_split else None
+        # Samples per class of each split, by the split's name (the report shows them beside per-class metrics).
+        self.class_counts = {d.train_split: self._counts(train_loader, d.train_split, d.name)}
+        if val_loader is not None:
+            self.class_counts[d.val_split] = self._counts(val_loader, d.val_split, d.name)
+        self.class_weights = resolve_class_weights(cfg.loss, self.class_counts[d.train_split])
+        self.loss = build_loss(cfg.loss, self.multilabel, cfg.train.label_smoothing, self.class_weights)
         self.mix = None
         if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
             from resnetkit.data import mixup_cutmix
@@ -70,10 +61,39 @@ class ClassificationTask(Task):
             self.mix = mixup_cutmix
         return train_loader, val_loader
 
+    def eval_loader(self, cfg: Config, split: str, info: DistInfo):
+        """The loader of `split` as validation reads it (training's validation and `resnetkit calibrate`): images
+        prepared exactly as the checkpoint says (`self.preprocess`, the training loader's), each sample once across
+        ranks. Set `self.cfg`, `self.classes` and `self.preprocess` first (build_loaders does)."""
+        from resnetkit.data import build_loader
+
+        d = cfg.data
+        batch = max((d.eval_batch_size or 2 * d.batch_size) // info.world_size, 1)
+        return build_loader(
+            d.name, split, batch_size=batch, train=False, preset=self.preprocess, **_loader_options(cfg, info)
+        )
+
+    def _counts(self, loader, split: str, data: str) -> torch.Tensor:
+        """Samples per class of a loader's split (positives per class for multi-label data), checking that the
+        data has one label per image (or several, for the multilabel task)."""
+        targets = loader_targets(loader)
+        if (targets.dim() == 2) != self.multilabel:
+            if self.multilabel:
+                raise ConfigError(
+                    f"data.name {data!r} ({split}): one label per image; task multilabel needs several labels per "
+                    "image (shapes-multi, cifar10-mosaic:PATH, or a CSV with several labels)"
+                )
+            raise ConfigError(f"data.name {data!r} ({split}) has several labels per image: set task: multilabel")
+        return class_counts(targets, len(loader.classes))
+
     def build_model(self, cfg: Config, load_weights: bool):
         from resnetkit.models import create_model
 
         self.num_classes = cfg.model.num_classes or len(self.classes)
+        if self.class_weights is not None and len(self.class_weights) != self.num_classes:
+            raise ConfigError(
+                f"loss.class_weights: {len(self.class_weights)} weights for a head of {self.num_classes} classes"
+            )
         kwargs = {**cfg.model.options, "num_classes": self.num_classes}
         try:
             model = create_model(cfg.model.name, weights=cfg.model.weights if load_weights else None, **kwargs)
@@ -102,10 +122,13 @@ class ClassificationTask(Task):
         if self.mix is not None:
             images, targets = self.mix(images, labels, self.num_classes, d.mixup_alpha, d.cutmix_alpha)
         logits = model(images)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=t.label_smoothing)
+        loss = self.loss(logits, targets)
         n = torch.tensor(float(labels.shape[0]), device=loss.device)
-        correct = (logits.argmax(1) == labels).sum().float()
-        return loss, {"loss": loss.detach() * n, "correct": correct, "count": n}
+        return loss, {"loss": loss.detach() * n, "count": n, **self.batch_sums(logits.detach(), labels)}
+
+    def batch_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Running sums of a training batch beyond loss and count."""
+        return {"correct": (logits.argmax(1) == labels).sum().float()}
 
     def train_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         count = max(totals["count"], 1)
@@ -116,6 +139,54 @@ class ClassificationTask(Task):
         return evaluate_loss_acc(
             model, loader, device=device, amp=t.amp, channels_last=t.channels_last, flip=t.eval_flip
         )
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """The class distribution of the training and validation data (the report shows it), and the class weights
+        the loss used."""
+        weights = self.class_weights
+        return {
+            "class_counts": {split: [int(c) for c in counts] for split, counts in self.class_counts.items()},
+            "class_weights": weights.tolist() if weights is not None else None,
+        }
+
+
+def loader_targets(loader) -> torch.Tensor:
+    """The targets of every sample a loader holds (all ranks' together): class indices (N,) or multi-hot rows (N, C).
+
+    The tensor pipeline holds them as a tensor; a file loader's dataset lists them (`targets`, or `label_sets` for
+    multi-label datasets)."""
+    if isinstance(getattr(loader, "labels", None), torch.Tensor):
+        return loader.labels.cpu()
+    dataset = loader.dataset
+    if getattr(dataset, "multilabel", False):
+        return multi_hot(dataset.label_sets, len(dataset.classes))
+    return torch.as_tensor(list(dataset.targets), dtype=torch.int64)
+
+
+def multi_hot(label_sets, num_classes: int) -> torch.Tensor:
+    """Per item, a float32 row with 1 at each of its class indices."""
+    rows = torch.zeros(len(label_sets), num_classes)
+    for i, labels in enumerate(label_sets):
+        rows[i, list(labels)] = 1
+    return rows
+
+
+def _loader_options(cfg: Config, info: DistInfo) -> dict[str, Any]:
+    """What the training and evaluation loaders of a recipe share."""
+    from resnetkit.data.splits import dataset_options
+
+    d = cfg.data
+    return dict(
+        device=info.device,
+        seed=cfg.seed,
+        workers=d.workers,
+        rank=info.rank,
+        world_size=info.world_size,
+        fast=d.fast,
+        cache_dir=d.cache_dir,
+        image_size=d.image_size,
+        **dataset_options(d, task=cfg.task),  # root, split lists, a listing's columns
+    )
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -44,6 +45,7 @@ __all__ = [
     "DetectionTask",
     "DetectorConfig",
     "ResNetFPNBackbone",
+    "ShapesMultiDetection",
     "coco_map",
     "create_detector",
     "detection_transform",
@@ -389,16 +391,58 @@ def read_cub(root: str | Path, split: str, class_agnostic: bool = False) -> Dete
     return DetectionDataset(paths, [b[None] for b in boxes], labels, classes, source=f"{root} ({split})")
 
 
+class ShapesMultiDetection(DetectionDataset):
+    """The built-in `shapes-multi` (`resnetkit.data.ShapesMulti`) as detection data: every shape of an image a box
+    labelled with its class (1..10), or with one class "shape" when class_agnostic. Images are rendered, not read:
+    `paths` are names ("shapes-multi/train/17") for reports."""
+
+    def __init__(self, shapes, class_agnostic: bool = False) -> None:
+        n = len(shapes)
+        boxes = [shapes.boxes(i) for i in range(n)]
+        if class_agnostic:
+            classes, labels = ["shape"], [torch.ones(len(b), dtype=torch.int64) for b in boxes]
+        else:
+            classes, labels = list(shapes.classes), [shapes.box_labels(i) + 1 for i in range(n)]
+        names = [Path(f"shapes-multi/{shapes.split}/{i}") for i in shapes.indices]
+        super().__init__(names, boxes, labels, classes, source=f"shapes-multi ({shapes.split})")
+        self.shapes = shapes
+
+    def select(self, indices) -> None:
+        indices = list(indices)
+        super().select(indices)
+        self.shapes.select(indices)
+
+    def read_image(self, i: int) -> torch.Tensor:
+        return self.shapes.load(i)
+
+
+def is_shapes_multi(name: str | Path) -> bool:
+    return str(name) == "shapes-multi" or str(name).startswith("shapes-multi:")
+
+
 def load_detection_data(
-    source: str | Path, split: str = "train", *, class_agnostic: bool = False, transform: v2.Transform | None = None
+    source: str | Path,
+    split: str = "train",
+    *,
+    class_agnostic: bool = False,
+    transform: v2.Transform | None = None,
+    image_size: int | None = None,
 ) -> DetectionDataset:
     """Open a detection dataset by what `source` is.
 
     - a COCO JSON file: the file is the split (images relative to its folder);
     - a folder holding `<split>.json` (COCO format; `val` and `test` stand in for each other), images relative to it;
-    - a CUB-200-2011 root (`bounding_boxes.txt`, `images.txt`, ...): split `train` or `test` (`val` means `test`).
-    class_agnostic applies to CUB (COCO files keep their categories).
+    - a CUB-200-2011 root (`bounding_boxes.txt`, `images.txt`, ...): split `train` or `test` (`val` means `test`);
+    - `shapes-multi` or `shapes-multi:N`: the built-in multi-shape images (train, val, test), every shape a box of
+      its class, rendered at `image_size` pixels (the task passes the detector's data.image_size; None: 64).
+    class_agnostic applies to CUB and shapes-multi (COCO files keep their categories).
     """
+    if is_shapes_multi(source):
+        from resnetkit.data import build_dataset
+
+        ds = ShapesMultiDetection(build_dataset(str(source), split, image_size=image_size), class_agnostic)
+        ds.transform = transform
+        return ds
     source = Path(source)
     if source.is_file():
         if source.suffix.lower() != ".json":
@@ -424,11 +468,14 @@ def load_detection_data(
 
 def coco_map(
     targets: list[dict[str, torch.Tensor]], predictions: list[dict[str, torch.Tensor]], classes: list[str] | None = None
-) -> dict[str, float]:
-    """COCO box AP with pycocotools: {"map": AP@[.5:.95], "map50": AP@.5, "map75": AP@.75, "map_small", ...}.
+) -> dict[str, Any]:
+    """COCO box AP with pycocotools: {"map": AP@[.5:.95], "map50": AP@.5, "map75": AP@.75, "map_small", ...,
+    "per_class_ap": {class name: AP@[.5:.95]}}.
 
     targets[i]: "boxes" (K, 4) x1 y1 x2 y2 and "labels"; predictions[i]: "boxes", "scores", "labels" for the same
-    image. Areas (for small/medium/large) are the boxes' areas.
+    image. Areas (for small/medium/large) are the boxes' areas. `per_class_ap` names every label 1..len(classes)
+    (or every label seen, without `classes`); a class with no ground-truth box has None (COCO leaves it out of the
+    mean), and mAP is the mean of the others.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -471,8 +518,13 @@ def coco_map(
     keys = ["map", "map50", "map75", "map_small", "map_medium", "map_large"]
     if not gt["annotations"]:
         raise ValueError("no ground-truth boxes to evaluate against")
+    named = sorted(set(names) | set(labels))
+    with_boxes = {int(v) for t in targets for v in t["labels"]}
     if not dets:
-        return dict.fromkeys(keys, 0.0)
+        return {
+            **dict.fromkeys(keys, 0.0),
+            "per_class_ap": {names.get(c, str(c)): 0.0 if c in with_boxes else None for c in named},
+        }
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and table
         coco_gt = COCO()
         coco_gt.dataset = gt
@@ -483,7 +535,18 @@ def coco_map(
         ev.accumulate()
         ev.summarize()
     # -1 marks "no ground truth in this area range": report 0 there rather than a negative AP.
-    return {k: max(float(v), 0.0) for k, v in zip(keys, ev.stats[:6])}
+    result: dict[str, Any] = {k: max(float(v), 0.0) for k, v in zip(keys, ev.stats[:6])}
+    # precision: (IoU thresholds, recall thresholds, categories, area ranges, max dets); area "all", 100 detections,
+    # averaged over the IoU and recall thresholds as COCOeval.summarize does for one category (-1: no ground truth).
+    precision = ev.eval["precision"][:, :, :, 0, -1]
+    per_class: dict[str, float | None] = {}
+    for c in named:
+        k = ev.params.catIds.index(c) if c in ev.params.catIds else None
+        values = precision[:, :, k] if k is not None else np.full(1, -1.0)
+        values = values[values > -1]
+        per_class[names.get(c, str(c))] = float(values.mean()) if values.size else None
+    result["per_class_ap"] = per_class
+    return result
 
 
 @torch.no_grad()
@@ -517,7 +580,9 @@ class DetectionTask(Task):
 
         self.cfg = cfg
         d = cfg.data
-        train_set = load_detection_data(d.name, d.train_split, class_agnostic=d.class_agnostic)
+        train_set = load_detection_data(
+            d.name, d.train_split, class_agnostic=d.class_agnostic, image_size=d.image_size or 512
+        )
         if d.subset is not None and d.subset < len(train_set):
             train_set.select(stratified_indices(train_set.targets, d.subset, cfg.seed))
         self.classes = list(train_set.classes)
@@ -529,7 +594,7 @@ class DetectionTask(Task):
     def eval_loader(self, cfg: Config, split: str, info):
         """The loader of `split` that `evaluate` reads (the classes must be the training split's)."""
         d = cfg.data
-        dataset = load_detection_data(d.name, split, class_agnostic=d.class_agnostic)
+        dataset = load_detection_data(d.name, split, class_agnostic=d.class_agnostic, image_size=d.image_size or 512)
         if dataset.classes != self.classes:
             raise ValueError(
                 f"{d.name} [{split}] has classes {dataset.classes[:5]}, the model {self.classes[:5]} "
@@ -604,9 +669,10 @@ def _transform_for(augmenting: bool, image_size: int) -> v2.Transform:
 
 
 @torch.no_grad()
-def evaluate_detections(model: nn.Module, loader, progress=None) -> dict[str, float]:
+def evaluate_detections(model: nn.Module, loader, progress=None) -> dict[str, Any]:
     """COCO AP of `model` over a loader of (images, targets) (every rank its shard; gathered before scoring), via
-    pycocotools: map, map50, map75, map_small/medium/large, and the number of images."""
+    pycocotools: map, map50, map75, map_small/medium/large, per_class_ap (AP@[.5:.95] by class name), and the
+    number of images."""
     was_training = model.training
     model.eval()
     targets, predictions = [], []

@@ -277,17 +277,26 @@ def is_shapes(name: str) -> bool:
     return name == "shapes" or name.startswith("shapes:")
 
 
+def is_shapes_multi(name: str) -> bool:
+    return name == "shapes-multi" or name.startswith("shapes-multi:")
+
+
 def segmentation_data(name: str, split: str, image_size: int):
-    """The built-in shapes (`shapes` or `shapes:N`, as `resnetkit.data.build_dataset` names them) as uint8 tensors
-    with their masks (a TensorData whose labels are the masks), or a folder of images and PNG masks (a
-    SegmentationFolder): <split>/images + <split>/masks, or a VOC layout."""
-    if is_shapes(name):
+    """The built-in shapes (`shapes` or `shapes:N`, one shape per image) or `shapes-multi` (`shapes-multi:N`, 1 to
+    4 shapes of different classes per image), as `resnetkit.data.build_dataset` names them, as uint8 tensors with
+    their class masks (a TensorData whose labels are the masks; classes: background and the ten shapes), or a
+    folder of images and PNG masks (a SegmentationFolder): <split>/images + <split>/masks, or a VOC layout."""
+    if is_shapes(name) or is_shapes_multi(name):
         from resnetkit.data import SHAPE_CLASSES, build_dataset
         from resnetkit.data.fast import TensorData
 
         shapes = build_dataset(name, split, image_size=image_size)
-        images, _ = shapes.uint8_tensors()
-        return TensorData(images, shapes.masks.long(), ["background", *SHAPE_CLASSES])
+        if is_shapes(name):
+            images, masks = shapes.uint8_tensors()[0], shapes.masks.long()
+        else:  # one rendering gives an item's image and its mask
+            pairs = [(shapes.load(i), shapes.mask(i)) for i in range(len(shapes))]
+            images, masks = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]).long()
+        return TensorData(images, masks, ["background", *SHAPE_CLASSES])
     root = Path(name)
     if not root.is_dir():
         raise FileNotFoundError(f"segmentation data not found: {name!r} is neither 'shapes[:N]' nor a folder")

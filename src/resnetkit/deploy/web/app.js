@@ -1,4 +1,5 @@
-// The web page: send the chosen image to /v1/predict and /v1/explain, draw the top-5 bars and the overlay.
+// The web page: send the chosen image to /v1/predict and /v1/explain, draw the top-5 bars and the overlay; for a
+// multi-label model also list every label at or above its threshold (and mark those bars).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -12,19 +13,21 @@ async function getJSON(response) {
 async function showModel() {
   try {
     const info = await getJSON(await fetch("/v1/model"));
+    const kind = info.multilabel ? "multi-label · " : "";
     $("model-info").textContent =
-      `${info.name} · ${info.num_classes} classes · ${info.input_size} px input · ${info.backend} backend · v${info.version}`;
+      `${info.name} · ${kind}${info.num_classes} classes · ${info.input_size} px input · ${info.backend} backend · v${info.version}`;
   } catch (err) {
     $("model-info").textContent = `model information unavailable: ${err.message}`;
   }
 }
 
-function drawBars(topK) {
+function drawBars(topK, labels) {
   const list = $("bars");
   list.replaceChildren();
-  for (const { class: name, prob } of topK) {
+  const above = new Set((labels || []).map((l) => l.index));
+  for (const { class: name, index, prob } of topK) {
     const item = document.createElement("li");
-    item.className = "bar";
+    item.className = above.has(index) ? "bar above" : "bar";
     const label = document.createElement("span");
     label.className = "label";
     label.textContent = name;
@@ -50,12 +53,23 @@ async function classify(file) {
   $("preview").src = URL.createObjectURL(file);
   $("overlay").removeAttribute("src");
   $("bars").replaceChildren();
+  $("labels").hidden = true;
   try {
     const predictForm = new FormData();
     predictForm.append("files", file, file.name);
     const prediction = await getJSON(await fetch("/v1/predict?top_k=5", { method: "POST", body: predictForm }));
-    drawBars(prediction.predictions[0].top_k);
-    $("status").textContent = `${file.name}: ${prediction.predictions[0].top_k[0].class} (${prediction.latency_ms} ms)`;
+    const { top_k: topK, labels } = prediction.predictions[0];
+    drawBars(topK, labels);
+    let answer = topK[0].class;
+    $("bars-box").classList.toggle("multilabel", Boolean(labels));
+    if (labels) {
+      answer = labels.map((l) => l.class).join(", ") || "no label above its threshold";
+      $("labels").textContent = labels.length
+        ? `Labels: ${labels.map((l) => `${l.class} ${(100 * l.prob).toFixed(1)}%`).join(", ")}`
+        : "Labels: none above its threshold";
+      $("labels").hidden = false;
+    }
+    $("status").textContent = `${file.name}: ${answer} (${prediction.latency_ms} ms)`;
     const explainForm = new FormData();
     explainForm.append("file", file, file.name);
     const cam = await getJSON(await fetch("/v1/explain", { method: "POST", body: explainForm }));
