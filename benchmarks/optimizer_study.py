@@ -133,8 +133,9 @@ def main() -> None:
     # (c) the best recipe on the full training split, against configs/cifar10_fast.yaml
     full = [f"train.epochs={args.full_epochs}", f"data.subset={args.full_subset or 'null'}", f"output_dir={out}"]
     full += args.overrides
-    best = load_config(tuned.best_config, [*full, "name=best-full"])
-    fast = fast_recipe(args.data, out, "fast-full", *full)
+    tag = f"{args.full_subset or 'all'}x{args.full_epochs}"  # a run is reused only for the same images and epochs
+    best = load_config(tuned.best_config, [*full, f"name=best-full-{tag}"])
+    fast = fast_recipe(args.data, out, f"fast-full-{tag}", *full)
     what = f"{args.full_subset or 'all'} training images, {args.full_epochs} epochs, test split"
     print(f"\n(c) the best recipe of (b) against configs/cifar10_fast.yaml: {what}")
     rows = []
