@@ -4,7 +4,6 @@ greyscale, phone photos with an EXIF orientation) give identical model inputs th
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -12,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from _serving import free_port
 from PIL import Image
 
 from resnetkit.bundle import Bundle
@@ -97,12 +97,6 @@ class Recorder(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen.append(x.detach().clone())
         return torch.zeros(len(x), 2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_training_predict_and_serve_see_identical_inputs(tmp_path):

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from _serving import free_port, serving
 from PIL import Image
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, hamming_loss
 
@@ -143,9 +142,7 @@ def test_eval_report_and_ddp_eval(run, tmp_path, capsys):
     assert "](eval/pr_curves.png)" in (run_dir / "report.md").read_text()
 
     # Two real processes with a gloo group, started as torchrun starts them: the same numbers as one process.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     common = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
     argv = [sys.executable, "-m", "resnetkit", "eval", "--checkpoint", str(run["best"]), "--split", "val"]
     argv += ["--out", str(tmp_path / "ddp"), "--workers", "0", "--batch-size", "7", "--device", "cpu", "--json"]
@@ -205,43 +202,12 @@ def test_predict_returns_every_label_above_its_threshold(run, mosaic_files, caps
     assert len(rows) - 1 == sum(max(len(v), 1) for v in expected.values())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(run, tmp_path_factory):
     """`resnetkit serve` of the multi-label checkpoint in a subprocess on a loopback port; yields its URL."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
-    argv = [sys.executable, "-m", "resnetkit", "serve", "--checkpoint", str(run["best"]), "--port", str(port)]
-    proc = subprocess.Popen(
-        [*argv, "--threads", "1", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=ENV
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("server did not answer /health within 120 s")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    args = ["--checkpoint", run["best"], "--threads", "1", "--log-level", "warning"]
+    with serving(args, tmp_path_factory.mktemp("serve") / "serve.log", env=ENV) as url:
+        yield url
 
 
 def test_server_returns_the_thresholded_labels(run, server, mosaic_files):

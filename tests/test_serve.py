@@ -13,10 +13,7 @@ import io
 import json
 import os
 import re
-import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -25,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from _serving import free_port, serving
 from PIL import Image
 
 from resnetkit.checkpoint import save_checkpoint
@@ -99,67 +97,28 @@ def trained_checkpoint(photos, tmp_path_factory) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(trained_checkpoint, tmp_path_factory):
     """`resnetkit serve` in a subprocess; yields its base URL; stops it afterwards."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
+    args = [
+        "--checkpoint",
+        trained_checkpoint,
+        "--batch-size",
+        "8",
+        "--max-wait-ms",
+        "10",
+        "--max-request-mb",
+        str(MAX_REQUEST_MB),
+        "--max-pixels",
+        str(MAX_PIXELS),
+        "--threads",
+        "1",
+        "--log-level",
+        "warning",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "resnetkit",
-            "serve",
-            "--checkpoint",
-            str(trained_checkpoint),
-            "--port",
-            str(port),
-            "--batch-size",
-            "8",
-            "--max-wait-ms",
-            "10",
-            "--max-request-mb",
-            str(MAX_REQUEST_MB),
-            "--max-pixels",
-            str(MAX_PIXELS),
-            "--threads",
-            "1",
-            "--log-level",
-            "warning",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("server did not answer /health within 120 s")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with serving(args, tmp_path_factory.mktemp("serve") / "serve.log", env=env) as url:
+        yield url
 
 
 def post_images(url: str, paths_or_bytes, top_k: int = 5, field: str = "files") -> httpx.Response:
