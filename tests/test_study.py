@@ -215,7 +215,10 @@ def test_compare_three_optimisers_table_figure_page_and_reuse(cifar10_jpg, tmp_p
 def _study(url: str, name: str):
     import optuna
 
-    return optuna.load_study(study_name=name, storage=url)
+    from resnetkit.study.tune import _storage
+
+    # tune's own storage opener: the test reads the database while the first worker may still be writing its schema
+    return optuna.load_study(study_name=name, storage=_storage(url, heartbeat=60))
 
 
 def test_tune_two_workers_share_one_study_prune_a_poor_range_and_write_a_recipe(cifar10_jpg, tmp_path):

@@ -40,6 +40,7 @@ import json
 import os
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -184,17 +185,28 @@ def _storage(url: str, heartbeat: int):
     """Optuna's RDB storage with its heartbeat: a running trial silent for four beats is failed by the next worker
     and enqueued again with its values. An SQLite file waits for its lock instead of failing when workers write."""
     import optuna
+    import sqlalchemy.exc
 
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    with warnings.catch_warnings():  # the heartbeat and its retry callback are marked experimental
-        warnings.simplefilter("ignore")
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat,
-            grace_period=4 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
-        )
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # the heartbeat and its retry callback are marked experimental
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat,
+                    grace_period=4 * heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRIES
+                    ),
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            # Two workers started together both found a new database and both wrote its schema version: the
+            # other one won (or is still creating a table), so opening it again succeeds.
+            if attempt == 4:
+                raise
+            time.sleep(0.5)
 
 
 class _Heartbeat:
