@@ -76,7 +76,7 @@ def test_multilabel_metrics_match_scikit_learn(ties):
     _check_against_sklearn(result, scores, targets, [0.5] * C)
     y = targets.numpy().ravel()
     expected_loss = log_loss(y, scores.clamp(1e-6, 1 - 1e-6).numpy().ravel(), labels=[0, 1])
-    assert result["loss"] == pytest.approx(expected_loss, rel=1e-9)  # mean BCE per label
+    assert result["loss"] == pytest.approx(C * expected_loss, rel=1e-9)  # BCE summed over labels, mean over images
     # At per-class thresholds, too.
     thresholds = [0.3, 0.55, 0.5, 0.42, 0.25, 0.1]
     _check_against_sklearn(multilabel_metrics(scores, targets, thresholds=thresholds), scores, targets, thresholds)

@@ -371,7 +371,9 @@ def multilabel_metrics(
         "thresholds": thresholds,
     }
     if loss_sum is not None:
-        result["loss"] = loss_sum / (n * num_classes)  # mean BCE per label, as BCEWithLogitsLoss's default mean
+        # BCE summed over an image's labels, averaged over images: the reduction of the training loss
+        # (train/losses.py), so that train_loss and val_loss of a BCE run are on one scale
+        result["loss"] = loss_sum / n
     result["per_class"] = [
         {
             "class": classes[c] if classes else str(c),
