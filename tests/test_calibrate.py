@@ -37,8 +37,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def run(cifar10_jpg, tmp_path_factory):
     """A resnet20 trained by the engine for 3 epochs on 240 real CIFAR-10 JPEGs (4 classes, no label smoothing),
-    validated on 160 test JPEGs; its head then scaled by CLASSIFIER_SCALE. Returns the run folder, with the over-confident
-    checkpoint saved as overconfident.pt and best.pt calibrated in place by `resnetkit calibrate`."""
+    validated on 160 test JPEGs; its head then scaled by CLASSIFIER_SCALE. Returns the run folder, with the
+    over-confident checkpoint saved as overconfident.pt and best.pt calibrated in place by `resnetkit calibrate`."""
     import resnetkit
 
     root = tmp_path_factory.mktemp("calibrate")
