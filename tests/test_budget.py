@@ -75,7 +75,10 @@ def test_budget_plans_fits_and_ends_the_schedule_at_the_last_step(cifar_subset, 
     ckpt = load_checkpoint(result.last_checkpoint)
     planned = ckpt["budget"]["total"]
     assert ckpt["global_step"] == planned == trace.lrs[-1][0] > 16  # ended at the planned step: several epochs
-    assert trace.lrs[-1][1] == pytest.approx(0.0, abs=1e-9)  # cosine to min_lr 0, reached at the last step
+    # Cosine to min_lr 0 at the last step. Near the end the plan is redone after every step; if the machine slows
+    # down there, the schedule shrinks after the last steps' LRs were set, so the last LR is then that of the
+    # schedule's last few steps (under 1% of the peak; a CI run saw 0.43%), not exactly 0. On a steady machine it is 0.
+    assert trace.lrs[-1][1] <= 0.2 * 0.01
     assert max(lr for _, lr in trace.lrs) == pytest.approx(0.2, rel=0.05)
     log = (tmp_path / "budget" / "train.log").read_text()
     assert "budget 0m20.0s:" in log and "planned" in log

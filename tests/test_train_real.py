@@ -44,7 +44,8 @@ def test_cifar10_subset_learns_well_above_chance(cifar10_jpg, tmp_path):
         "output_dir": str(tmp_path),
         "model": {"name": "resnet20"},
         "data": {"name": str(root), "val_split": "test", "batch_size": 64, "cache_dir": str(tmp_path / "cache")},
-        "optim": {"name": "sgd", "lr": 0.4, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        # lr 0.2, not 0.4: at 0.4 this 93-step run reached only 23% on an AVX-512 host (30% at 0.2 there)
+        "optim": {"name": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
         "schedule": {"name": "onecycle", "per": "step", "pct_start": 0.3},
         "train": {"epochs": 3, "label_smoothing": 0.1, "channels_last": True, "log_every_s": 30},
     }

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 
 WARMUP_STEPS = 8  # steps timed before the first plan; the first two are left out (allocator, first batch)
-REPLAN_EVERY = 25  # steps between re-plans, and every few steps near the end (REPLAN_NEAR_END)
-REPLAN_NEAR_END = 5
+REPLAN_EVERY = 25  # steps between re-plans; in the last 10 x REPLAN_EVERY steps, after every step (REPLAN_NEAR_END),
+REPLAN_NEAR_END = 1  # so that a slowing machine shrinks the schedule before the hard edge has to cut it short
 
 
 @dataclass
