@@ -179,6 +179,8 @@ class _Pruning:
 
 MAX_RETRIES = 2
 """How often a trial whose worker died is run again before it counts as failed."""
+OPEN_ATTEMPTS, OPEN_RETRY_SECONDS = 5, 0.5
+"""How often, and how far apart, a worker tries to open a storage that another worker is creating."""
 
 
 def _storage(url: str, heartbeat: int):
@@ -188,25 +190,27 @@ def _storage(url: str, heartbeat: int):
     import sqlalchemy.exc
 
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    for attempt in range(5):
+
+    def open_once():
+        with warnings.catch_warnings():  # the heartbeat and its retry callback are marked experimental
+            warnings.simplefilter("ignore")
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat,
+                grace_period=4 * heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+            )
+
+    for attempt in range(1, OPEN_ATTEMPTS + 1):
         try:
-            with warnings.catch_warnings():  # the heartbeat and its retry callback are marked experimental
-                warnings.simplefilter("ignore")
-                return optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs=engine_kwargs,
-                    heartbeat_interval=heartbeat,
-                    grace_period=4 * heartbeat,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                        max_retry=MAX_RETRIES
-                    ),
-                )
+            return open_once()
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
             # Two workers started together both found a new database and both wrote its schema version: the
             # other one won (or is still creating a table), so opening it again succeeds.
-            if attempt == 4:
+            if attempt == OPEN_ATTEMPTS:
                 raise
-            time.sleep(0.5)
+            time.sleep(OPEN_RETRY_SECONDS)
 
 
 class _Heartbeat:

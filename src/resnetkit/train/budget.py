@@ -4,9 +4,10 @@
 
 The engine (`train/fit.py`) asks `Budget.plan` for the run's total number of steps after a short warm-up (the first
 steps are timed; one evaluation is estimated from timing two validation batches), lays its schedule over exactly
-that many steps, and asks again every few steps and after each epoch's end, when the measurements are better: the
-remaining steps are re-planned rather than overrun. `Budget.over` is the hard edge: when one more step and the final
-evaluation would not fit, the run stops there, evaluates and saves. A resumed run counts the time spent before.
+that many steps, and asks again every REPLAN_EVERY steps (after every step near the end) and after each epoch's end,
+when the measurements are better: the remaining steps are re-planned rather than overrun. `Budget.over` is the hard
+edge: when one more step and the final evaluation would not fit, the run stops there, evaluates and saves. A resumed
+run counts the time spent before.
 
 What counts is the whole run's wall time: building the loaders and the model included, the final evaluation included.
 """
@@ -19,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 
 WARMUP_STEPS = 8  # steps timed before the first plan; the first two are left out (allocator, first batch)
-REPLAN_EVERY = 25  # steps between re-plans; in the last 10 x REPLAN_EVERY steps, after every step (REPLAN_NEAR_END),
-REPLAN_NEAR_END = 1  # so that a slowing machine shrinks the schedule before the hard edge has to cut it short
+REPLAN_EVERY = 25  # steps between re-plans
+REPLAN_NEAR_END = 1  # ... and in the last 10 x REPLAN_EVERY: a slowing machine shrinks the schedule, not the edge
 
 
 @dataclass
