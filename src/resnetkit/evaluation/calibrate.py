@@ -51,11 +51,11 @@ FOLDER = "calibration"  # beside the calibrated checkpoint: calibration.json and
 
 def nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, multilabel: bool = False) -> float:
     """Mean negative log-likelihood at `temperature`: the cross-entropy of softmax(logits / T) for class indices
-    (N,), or with `multilabel` the binary cross-entropy of sigmoid(logits / T) for multi-hot targets (N, C), averaged
-    over images and classes."""
+    (N,), or with `multilabel` the binary cross-entropy of sigmoid(logits / T) for multi-hot targets (N, C), summed
+    over an image's classes and averaged over images (the reduction of eval's and the training's multi-label loss)."""
     z = logits.double() / temperature
     if multilabel:
-        return float(F.binary_cross_entropy_with_logits(z, targets.double()))
+        return float(F.binary_cross_entropy_with_logits(z, targets.double(), reduction="sum")) / len(z)
     return float(F.cross_entropy(z, targets.long()))
 
 
