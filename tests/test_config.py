@@ -48,6 +48,8 @@ def test_yaml_and_overrides(tmp_path):
         (["model.freeze=stage2"], "model.freeze: expected 'none', 'head' or 'stages:N'"),
         (["optim.lr"], "expected KEY=VALUE"),
         (["optim.lr.x=1"], "'lr' is not a section"),
+        (["train.eval_tta=mirror"], "train.eval_tta: unknown value 'mirror'"),
+        (["train.eval_flip=3"], "train.eval_flip: expected bool, got int 3 (now train.eval_tta)"),
     ],
 )
 def test_errors_name_the_key(tmp_path, overrides, message):
@@ -56,6 +58,15 @@ def test_errors_name_the_key(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(path, overrides)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_older_eval_flip_reads_as_eval_tta(tmp_path):
+    """Recipes and checkpoints written before train.eval_tta said `train.eval_flip: true`; they still load."""
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  eval_flip: true\n")
+    assert load_config(path).train.eval_tta == "flip"
+    assert load_config(path, ["train.eval_flip=false"]).train.eval_tta == "none"
+    assert load_config(path, ["train.eval_tta=flip-translate"]).train.eval_tta == "flip-translate"
 
 
 def test_file_errors(tmp_path):

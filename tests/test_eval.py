@@ -123,8 +123,17 @@ def tiny(tmp_path_factory):
     return {"root": root, "data": data, "run": run, "checkpoint": run / "best.pt"}
 
 
-def _reference(checkpoint: Path, data: Path, flip: bool = False):
-    """Logits computed by hand, image by image, for the test split."""
+def _shifted(x: torch.Tensor, by: int) -> torch.Tensor:
+    """x moved by `by` pixels down and right (negative: up and left), its borders mirrored (reflect: -1 -> 1)."""
+    size = x.shape[-1]
+    index = [
+        abs(i - by) if i - by < 0 else (2 * (size - 1) - (i - by) if i - by >= size else i - by) for i in range(size)
+    ]
+    return x[..., index, :][..., index]
+
+
+def _reference(checkpoint: Path, data: Path, tta: str | None = None):
+    """Probabilities computed by hand, image by image, for the test split."""
     from resnetkit.bundle import load_bundle
 
     bundle = load_bundle(checkpoint)
@@ -133,8 +142,12 @@ def _reference(checkpoint: Path, data: Path, flip: bool = False):
     with torch.no_grad():
         x = torch.stack([dataset[i][0] for i in range(len(dataset))])
         probs = model(x).softmax(1)
-        if flip:
+        if tta == "flip":
             probs = (probs + model(x.flip(-1)).softmax(1)) / 2
+        if tta == "flip-translate":  # airbench's: 1/4 the image and its mirror, 1/8 each shifted one and mirrored
+            probs = (probs + model(x.flip(-1)).softmax(1)) / 4
+            for view in (_shifted(x, 1), _shifted(x, -1)):
+                probs += (model(view).softmax(1) + model(view.flip(-1)).softmax(1)) / 8
     probs = probs.double()
     return (probs / probs.sum(1, keepdim=True)).numpy(), np.array(dataset.targets)
 
@@ -152,10 +165,10 @@ def _inches_to_px(size: tuple[float, float]) -> tuple[int, int]:
     return round(size[0] * DPI), round(size[1] * DPI)
 
 
-@pytest.mark.parametrize("tta", [None, "flip"])
+@pytest.mark.parametrize("tta", [None, "flip", "flip-translate"])
 def test_evaluate_matches_reference_predictions(tiny, tta, tmp_path):
     result = evaluate(tiny["checkpoint"], split="test", tta=tta, out_dir=tmp_path, workers=0, batch_size=5)
-    probs, y = _reference(tiny["checkpoint"], tiny["data"], flip=tta == "flip")
+    probs, y = _reference(tiny["checkpoint"], tiny["data"], tta)
     pred = probs.argmax(1)
     labels = list(range(len(CLASSES)))
     assert result["num_samples"] == 23 and result["classes"] == CLASSES and result["tta"] == tta

@@ -15,6 +15,7 @@ from PIL import Image
 
 from resnetkit.checkpoint import load_checkpoint
 from resnetkit.config import config_from_dict
+from resnetkit.evaluation.evaluate import evaluate
 from resnetkit.train.fit import train
 from resnetkit.train.loop import NonFiniteLoss
 
@@ -64,7 +65,7 @@ def tiny_config(data_dir: Path, out: Path, /, **sections) -> dict:
 
 
 def test_run_folder_and_checkpoint_contents(tiny, tmp_path):
-    cfg = config_from_dict(tiny_config(tiny, tmp_path, train={"ema": True, "eval_flip": True}))
+    cfg = config_from_dict(tiny_config(tiny, tmp_path, train={"ema": True, "eval_tta": "flip-translate"}))
     result = train(cfg, quiet=True)
     run = tmp_path / "tiny"
     assert result.run_dir == run and result.last_checkpoint == run / "last.pt"
@@ -78,6 +79,10 @@ def test_run_folder_and_checkpoint_contents(tiny, tmp_path):
     assert ckpt["epoch"] == 2 and ckpt["step"] == 0 and ckpt["global_step"] == 2 * 6
     assert ckpt["classes"] == ["class0", "class1", "class2"] and ckpt["model_kwargs"] == {"num_classes": 3}
     assert ckpt["config"]["train"]["ema"] is True and ckpt["model_ema"] is not None
+    # one TTA: the run's last validation pass is what `resnetkit eval` of last.pt gives with the same TTA
+    evaluated = evaluate(run / "last.pt", split="val", tta="flip-translate", workers=0)
+    assert evaluated["top1"] == pytest.approx(rows[-1]["val_acc"])
+    assert evaluated["loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
     assert set(ckpt["rng"][0]) >= {"python", "numpy", "torch"} and ckpt["loader"]["epoch"] == 1
     assert ckpt["preprocess"]["input_size"] == 16 and ckpt["version"]
     # The weights in the checkpoint are the ones the run ended with.

@@ -19,6 +19,9 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
+TTA_CHOICES = ("none", "flip", "flip-translate")
+"""Test-time augmentations (resnetkit.evaluation.tta): training's train.eval_tta and eval's --tta."""
+
 T = TypeVar("T")
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
@@ -287,8 +290,10 @@ class TrainConfig:
     (val_acc, val_map, val_miou)."""
     eval_every: int = 1
     """Evaluate every N epochs (and after the last)."""
-    eval_flip: bool = False
-    """Test-time augmentation: average the logits of each image and its horizontal flip."""
+    eval_tta: str = "none"
+    """Test-time augmentation of the validation passes: none, flip (the image and its mirror) or flip-translate
+    (also shifted a pixel each way: 6 passes); see resnetkit.evaluation.tta. (Older recipes' `eval_flip: true` reads
+    as `eval_tta: flip`.)"""
     checkpoint_every: int = 0
     """Also save last.pt every N optimizer steps within an epoch (0: at epoch ends only)."""
     log_every_s: float = 10.0
@@ -298,6 +303,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
+        _check_choice("train.eval_tta", self.eval_tta, TTA_CHOICES)
         for key in ("epochs", "accum_steps", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
@@ -562,7 +568,24 @@ def _build(cls, data: Any, prefix: str):
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     """Validate a plain dict (as read from YAML) into a Config; errors name `source` and the key."""
+    try:
+        data = _upgraded(data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return dataclass_from_dict(Config, data, source)
+
+
+def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
+    """Older recipes' and checkpoints' spellings in today's: train.eval_flip (a bool) is train.eval_tta."""
+    train = data.get("train") if isinstance(data, dict) else None
+    if not isinstance(train, dict) or "eval_flip" not in train:
+        return data
+    train = dict(train)
+    flip = train.pop("eval_flip")
+    if not isinstance(flip, bool):
+        raise ConfigError(f"train.eval_flip: expected bool, got {type(flip).__name__} {flip!r} (now train.eval_tta)")
+    train.setdefault("eval_tta", "flip" if flip else "none")
+    return {**data, "train": train}
 
 
 def dataclass_from_dict(cls: type[T], data: dict[str, Any] | None, source: str = "config") -> T:

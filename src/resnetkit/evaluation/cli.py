@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from resnetkit.cli_shared import UserError, add_device, add_model_source, load_model_source, positive
+from resnetkit.config import TTA_CHOICES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="split to evaluate (default: test for classifiers, folders falling back to val/; the training "
         "validation split for detectors and segmenters)",
     )
-    p.add_argument("--tta", choices=["flip"], default=None, help="test-time augmentation: average with the mirror")
+    p.add_argument(
+        "--tta",
+        choices=TTA_CHOICES,
+        default=None,
+        help="test-time augmentation: flip (average with the mirror) or flip-translate (also shifted a pixel each way)",
+    )
     p.add_argument("--out", help="output folder (default: eval/ beside the checkpoint, ./eval for --model)")
     p.add_argument("--batch-size", type=positive, default=None, help="images per batch (default 128; detection 4)")
     p.add_argument("--workers", type=int, default=2, help="data loading processes")
@@ -189,7 +195,7 @@ def _eval(args: argparse.Namespace, info) -> int:
     out = Path(args.out) if args.out else default_out
     progress = not args.json and info.is_main
     if bundle.task != "classification":
-        if args.tta:
+        if args.tta not in (None, "none"):
             raise UserError(f"--tta applies to classifiers; {args.checkpoint} is a {bundle.task} model")
         split = args.split or bundle.checkpoint["config"]["data"]["val_split"]
         result = evaluate_task(

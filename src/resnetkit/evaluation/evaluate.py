@@ -35,12 +35,12 @@ from resnetkit.evaluation.metrics import (
     multilabel_metrics,
     precision_recall_curve,
 )
+from resnetkit.evaluation.tta import TTA_CHOICES, tta_logits
 from resnetkit.fileio import write_atomic
 
 if TYPE_CHECKING:
     from resnetkit.bundle import Bundle
 
-TTA_CHOICES = (None, "flip")
 WORST_SHOWN = 25  # misclassified images kept for the grid: 5 x 5
 
 
@@ -85,24 +85,6 @@ def _data_from_checkpoint(ckpt: dict, path: str) -> tuple[str, dict[str, Any]]:
     return data_cfg["name"], dataset_options(data_cfg, path, task=config.get("task"))
 
 
-@torch.inference_mode()
-def predict_logits(
-    model: nn.Module, images: torch.Tensor, tta: str | None, multilabel: bool = False, temperature: float = 1.0
-) -> torch.Tensor:
-    """Logits / temperature, or with tta="flip" the log of softmax(logits / temperature) averaged over the image and
-    its mirror image (multi-label: the log-odds of the averaged sigmoids)."""
-    logits = model(images) / temperature
-    if tta is None:
-        return logits
-    mirrored = model(images.flip(-1)) / temperature
-    if multilabel:
-        from resnetkit.tasks.multilabel import mean_sigmoid_logits
-
-        return mean_sigmoid_logits(logits.float(), mirrored.float())
-    probs = (logits.float().softmax(1) + mirrored.float().softmax(1)) / 2
-    return probs.log()
-
-
 def evaluate(
     source: str | Path | Bundle | nn.Module,
     data: str | Path | None = None,
@@ -130,15 +112,16 @@ def evaluate(
         (for a checkpoint) the default dataset come from it; or a bare model, for which `preprocess` is needed and
         `classes` default to the dataset's. A bundle whose classes are made-up indices takes the dataset's names.
     data: a dataset name or folder (see `resnetkit.data.build_dataset`); default: the checkpoint's training data.
-    tta: None, or "flip" (average the softmax over the image and its horizontal mirror).
+    tta: None (or "none"), "flip" or "flip-translate": see `resnetkit.evaluation.tta`.
     model_name: how eval.json names a bare model (default: its class name).
     multilabel, thresholds: a bare model's kind and decision thresholds (a bundle says its own).
     """
     from resnetkit.bundle import Bundle, load_bundle
     from resnetkit.data import build_dataset, collate_skipping, eval_transform_from
 
-    if tta not in TTA_CHOICES:
-        raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta!r}")
+    tta = None if tta == "none" else tta
+    if tta is not None and tta not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
     started = time.time()
     info: dict[str, Any] = {}
     options: dict[str, Any] = {}
@@ -206,7 +189,9 @@ def evaluate(
         for images, labels, bad in loader:
             skipped += bad
             if len(labels):
-                logits = predict_logits(model, images.to(device, non_blocking=True), tta, multilabel, temperature)
+                with torch.inference_mode():
+                    batch = images.to(device, non_blocking=True)
+                    logits = tta_logits(model, batch, tta or "none", multilabel, temperature)
                 if multilabel:  # the dataset's columns into the model's, by class name
                     targets = torch.zeros(len(labels), len(classes))
                     targets[:, label_map] = labels.float()

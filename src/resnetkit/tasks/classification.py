@@ -136,9 +136,7 @@ class ClassificationTask(Task):
 
     def evaluate(self, model: nn.Module, loader, cfg: Config, device: torch.device) -> dict[str, float]:
         t = cfg.train
-        return evaluate_loss_acc(
-            model, loader, device=device, amp=t.amp, channels_last=t.channels_last, flip=t.eval_flip
-        )
+        return evaluate_loss_acc(model, loader, device=device, amp=t.amp, channels_last=t.channels_last, tta=t.eval_tta)
 
     def checkpoint_extras(self) -> dict[str, Any]:
         """The class distribution of the training and validation data (the report shows it), and the class weights
@@ -197,12 +195,14 @@ def evaluate_loss_acc(
     device: torch.device,
     amp: str = "none",
     channels_last: bool = False,
-    flip: bool = False,
+    tta: str = "none",
 ) -> dict[str, float]:
     """Mean loss and top-1 accuracy over the loader, summed over DDP ranks (each rank holds a distinct shard).
 
-    flip: average the logits of each image and its mirror (test-time augmentation).
+    tta: test-time augmentation (none, flip, flip-translate: `resnetkit.evaluation.tta`).
     """
+    from resnetkit.evaluation.tta import tta_logits
+
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -210,9 +210,7 @@ def evaluate_loss_acc(
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            logits = model(images).float()
-            if flip:
-                logits = (logits + model(images.flip(3)).float()) / 2
+            logits = tta_logits(model, images, tta)
         sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
         sums[1] += (logits.argmax(1) == labels).sum()
         sums[2] += labels.numel()

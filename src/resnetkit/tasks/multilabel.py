@@ -59,7 +59,7 @@ class MultilabelTask(ClassificationTask):
 
     def evaluate(self, model: nn.Module, loader, cfg: Config, device: torch.device) -> dict[str, float]:
         t = cfg.train
-        metrics = multilabel_scores_of(model, loader, len(self.classes), device, t.amp, t.channels_last, t.eval_flip)
+        metrics = multilabel_scores_of(model, loader, len(self.classes), device, t.amp, t.channels_last, t.eval_tta)
         scores, targets, loss_sum = metrics.gathered()
         thresholds = f1_thresholds(scores, targets)
         if unwrap(model) is getattr(self, "model", None):
@@ -82,11 +82,13 @@ def multilabel_scores_of(
     device: torch.device,
     amp: str = "none",
     channels_last: bool = False,
-    flip: bool = False,
+    tta: str = "none",
 ) -> MultilabelMetrics:
     """The loader's sigmoid scores and targets, accumulated (every rank its shard; `gathered()` joins them).
 
-    flip: average the probabilities of each image and its mirror (test-time augmentation)."""
+    tta: test-time augmentation, the views' sigmoids averaged (`resnetkit.evaluation.tta`)."""
+    from resnetkit.evaluation.tta import tta_logits
+
     was_training = model.training
     model.eval()
     metrics = MultilabelMetrics(num_classes)
@@ -94,18 +96,10 @@ def multilabel_scores_of(
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            logits = model(images).float()
-            if flip:
-                logits = mean_sigmoid_logits(logits, model(images.flip(3)).float())
+            logits = tta_logits(model, images, tta, multilabel=True)
         metrics.update(logits, targets)
     model.train(was_training)
     return metrics
-
-
-def mean_sigmoid_logits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The log-odds of the mean of two sigmoid probabilities (multi-label test-time augmentation)."""
-    p = ((a.sigmoid() + b.sigmoid()) / 2).clamp(1e-12, 1 - 1e-12)
-    return p.log() - (1 - p).log()
 
 
 TASK = MultilabelTask
