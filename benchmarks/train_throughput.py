@@ -6,7 +6,9 @@ Both train the same architecture on the same random batch (the data pipeline is 
 - ResNet-18 with the CIFAR stem (3x3 conv, no max-pool) at 32 px, batch 128;
 - ResNet-50 at 224 px, batch 16.
 "plain" is the textbook loop on torchvision's model (NCHW, fp32). "ours" is resnetkit.train.loop.train_step with the
-recipe's flags (channels_last; bf16 autocast too on a GPU).
+recipe's flags (channels_last; bf16 autocast too on a GPU). `--compile` adds a column for `train.compile: true` (the
+model torch.compile'd as the engine does it; the compilation happens in the warm-up steps, outside the timing).
+`--profile` prints, for ours, the operators that take the most CPU time in the timed steps (torch.profiler).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from resnetkit.config import Config, ModelConfig, TrainConfig
 from resnetkit.models import create_model
 from resnetkit.tasks import get_task
 from resnetkit.train.loop import Parts, train_step
+from resnetkit.train.losses import build_loss
 from resnetkit.train.optim import LRSchedule, build_optimizer
 
 
@@ -58,15 +61,27 @@ def plain(name: str, cifar_stem: bool, x: torch.Tensor, y: torch.Tensor, steps: 
     return time_steps(step, steps, len(x))
 
 
-def ours(name: str, options: dict, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
-    amp = "bf16" if x.device.type == "cuda" else "none"
-    cfg = Config(model=ModelConfig(name=name, options=options), train=TrainConfig(channels_last=True, amp=amp))
+def ours(
+    name: str,
+    options: dict,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    compile: bool = False,
+    amp: str | None = None,
+    profile: bool = False,
+) -> float:
+    """Ours' images/s; `amp` None is the recipes' default (bf16 on a GPU, none on a CPU)."""
+    amp = amp or ("bf16" if x.device.type == "cuda" else "none")
+    train = TrainConfig(channels_last=True, amp=amp, compile=compile)
+    cfg = Config(model=ModelConfig(name=name, options=options), train=train)
     model = create_model(name, num_classes=10, **options).to(x.device, memory_format=torch.channels_last).train()
     opt = build_optimizer(model, cfg.optim, cfg.model)
     task = get_task("classification")
     task.cfg, task.mix, task.num_classes = cfg, None, 10  # what build_loaders and build_model would set
+    task.loss = build_loss(cfg.loss, multilabel=False)
     parts = Parts(
-        model,
+        torch.compile(model) if compile else model,  # as the engine wraps it (train/fit.py)
         task,
         opt,
         torch.amp.GradScaler(enabled=False),
@@ -75,13 +90,24 @@ def ours(name: str, options: dict, x: torch.Tensor, y: torch.Tensor, steps: int)
         cfg,
         x.device,
     )
-    return time_steps(lambda: train_step(parts, (x, y), sync=True), steps, len(x))
+    if not profile:
+        return time_steps(lambda: train_step(parts, (x, y), sync=True), steps, len(x))
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    with profiler(activities=[ProfilerActivity.CPU]) as prof:
+        rate = time_steps(lambda: train_step(parts, (x, y), sync=True), steps, len(x))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return rate
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per case (after 2 warm-up steps)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--compile", action="store_true", help="add a column for ours with train.compile: true")
+    ap.add_argument("--bf16", action="store_true", help="add a column for ours with train.amp: bf16 (for a CPU)")
+    ap.add_argument("--profile", action="store_true", help="print ours' most expensive operators (torch.profiler)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,15 +117,25 @@ def main() -> None:
         ("resnet50, 224 px, batch 16", "resnet50", False, 224, 16, max(args.steps // 2, 2)),
     ]
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"| {'case':40s} | plain torchvision img/s | resnetkit img/s | speed-up |")
-    print(f"|{'-' * 42}|-------------------------|-----------------|----------|")
+    variants = {"resnetkit compiled": {"compile": True}} if args.compile else {}
+    if args.bf16:
+        variants["resnetkit bf16"] = {"amp": "bf16"}
+    extra = "".join(f" {title} img/s | speed-up |" for title in variants)
+    print(f"| {'case':40s} | plain torchvision img/s | resnetkit img/s | speed-up |{extra}")
+    rule = f"|{'-' * 42}|-------------------------|-----------------|----------|"
+    print(rule + "".join("-" * (len(title) + 8) + "|----------|" for title in variants))
     for title, name, cifar, size, batch, steps in cases:
         torch.manual_seed(0)
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
         a = plain(name, cifar, x, y, steps)
-        b = ours(name, {"stem": "cifar"} if cifar else {}, x, y, steps)
-        print(f"| {title:40s} | {a:23.1f} | {b:15.1f} | {b / a:7.2f}x |", flush=True)
+        options = {"stem": "cifar"} if cifar else {}
+        b = ours(name, options, x, y, steps, profile=args.profile)
+        row = f"| {title:40s} | {a:23.1f} | {b:15.1f} | {b / a:7.2f}x |"
+        for title, flags in variants.items():
+            c = ours(name, options, x, y, steps, **flags)
+            row += f" {c:{len(title) + 6}.1f} | {c / a:7.2f}x |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
