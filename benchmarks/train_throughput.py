@@ -8,7 +8,8 @@ Both train the same architecture on the same random batch (the data pipeline is 
 "plain" is the textbook loop on torchvision's model (NCHW, fp32). "ours" is resnetkit.train.loop.train_step with the
 recipe's flags (channels_last; bf16 autocast too on a GPU). `--compile` adds a column for `train.compile: true` (the
 model torch.compile'd as the engine does it; the compilation happens in the warm-up steps, outside the timing).
-`--profile` prints, for ours, the operators that take the most CPU time in the timed steps (torch.profiler).
+`--bf16` adds one for `train.amp: bf16` (autocast on a CPU too). `--profile` prints, for ours, the operators that take
+the most CPU time in the timed steps (torch.profiler; ours' rate in that run includes the profiler's overhead).
 """
 
 from __future__ import annotations
@@ -90,13 +91,16 @@ def ours(
         cfg,
         x.device,
     )
+    def step():
+        train_step(parts, (x, y), sync=True)
+
     if not profile:
-        return time_steps(lambda: train_step(parts, (x, y), sync=True), steps, len(x))
+        return time_steps(step, steps, len(x))
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
     with profiler(activities=[ProfilerActivity.CPU]) as prof:
-        rate = time_steps(lambda: train_step(parts, (x, y), sync=True), steps, len(x))
+        rate = time_steps(step, steps, len(x))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return rate
 
