@@ -91,6 +91,7 @@ def ours(
         cfg,
         x.device,
     )
+
     def step():
         train_step(parts, (x, y), sync=True)
 
