@@ -179,10 +179,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from resnetkit.train.distributed import cleanup, setup
 
     info = setup(args.device)  # under torchrun: join the process group, each rank evaluates its shard
+    finished = False
     try:
-        return _eval(args, info)
+        code = _eval(args, info)
+        finished = True
+        return code
     finally:
-        cleanup()
+        cleanup(finished)
 
 
 def _eval(args: argparse.Namespace, info) -> int:

@@ -79,8 +79,14 @@ def _restart_store(rank: int, world_size: int) -> dict:
     return {"store": dist.PrefixStore(f"resnetkit/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
 
 
-def cleanup() -> None:
+def cleanup(finished: bool = True) -> None:
+    """Leave the process group. After a normal end (`finished`), wait for every rank first: a rank that tears its
+    gloo group down while a peer is still busy with its last results (rank 0 writing plots) could abort at exit with
+    "terminate called without an active exception" (seen in CI). After an error, leave at once: the peers may be
+    inside another collective, and a barrier would wait for them until the timeout."""
     if dist.is_initialized():
+        if finished:
+            barrier()
         dist.destroy_process_group()
 
 

@@ -209,11 +209,14 @@ def train(
     info = distributed.setup(cfg.train.device)
     owns_group = info.enabled
     budget = Budget(cfg.train.budget, started=started) if cfg.train.budget else None
+    finished = False
     try:
-        return _Run(cfg, info, resume, quiet, budget, callbacks).run()
+        result = _Run(cfg, info, resume, quiet, budget, callbacks).run()
+        finished = True
+        return result
     finally:
         if owns_group:
-            distributed.cleanup()
+            distributed.cleanup(finished)
 
 
 class _Run:
