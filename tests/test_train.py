@@ -17,7 +17,7 @@ from resnetkit.checkpoint import load_checkpoint
 from resnetkit.config import config_from_dict
 from resnetkit.evaluation.evaluate import evaluate
 from resnetkit.train.fit import train
-from resnetkit.train.loop import NonFiniteLoss
+from resnetkit.train.loop import NonFiniteLoss, autocast, resolve_amp
 
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
 
@@ -198,6 +198,23 @@ def test_optimisation_flags_together(tiny, tmp_path):
         json.loads(line)["val_loss"] for line in (tmp_path / "tiny/metrics.jsonl").read_text().splitlines()
     )
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_amp_auto_picks_bf16_only_on_a_cpu_with_amx(tiny, tmp_path, monkeypatch):
+    """train.amp auto: bf16 autocast where the CPU has AMX tiles, fp32 elsewhere; explicit values stay as set."""
+    cpu = torch.device("cpu")
+    for amx, expected in ((True, "bf16"), (False, "none")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert resolve_amp("auto", cpu) == expected
+        assert [resolve_amp(a, cpu) for a in ("none", "bf16", "fp16")] == ["none", "bf16", "fp16"]
+        with autocast(cpu, "auto"):
+            y = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
+        assert y.dtype == (torch.bfloat16 if amx else torch.float32)
+        cfg = tiny_config(tiny, tmp_path, name=f"auto_{expected}", train={"amp": "auto", "epochs": 1})
+        result = train(config_from_dict(cfg), quiet=True)
+        log = (result.run_dir / "train.log").read_text()
+        assert f"mixed precision {expected} (train.amp auto)" in log
+        assert load_checkpoint(result.last_checkpoint)["config"]["train"]["amp"] == "auto"  # resolved per machine
 
 
 def test_classification_without_validation(tiny, tmp_path):

@@ -271,7 +271,8 @@ class TrainConfig:
     """Keep an exponential moving average of the weights, evaluated and checkpointed alongside."""
     ema_decay: float = 0.999
     amp: str = "none"
-    """Mixed precision: none, bf16 or fp16 (fp16 uses a GradScaler)."""
+    """Mixed precision: none, bf16, fp16 (with a GradScaler) or auto (bf16 where this machine runs it fast: a CUDA GPU
+    with bf16, else fp16; a CPU with AMX tiles; else none)."""
     channels_last: bool = False
     compile: bool = False
     """torch.compile the model."""
@@ -302,7 +303,7 @@ class TrainConfig:
     """Write a grid of augmented training images to TensorBoard."""
 
     def __post_init__(self) -> None:
-        _check_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
+        _check_choice("train.amp", self.amp, ("none", "bf16", "fp16", "auto"))
         _check_choice("train.eval_tta", self.eval_tta, TTA_CHOICES)
         for key in ("epochs", "accum_steps", "eval_every"):
             if getattr(self, key) < 1:

@@ -32,7 +32,7 @@ from resnetkit.checkpoint import load_checkpoint, save_checkpoint
 from resnetkit.config import Config, ScheduleConfig, config_from_dict, load_config, save_config
 from resnetkit.train import distributed
 from resnetkit.train.budget import Budget
-from resnetkit.train.loop import NonFiniteLoss, Parts, train_one_epoch
+from resnetkit.train.loop import NonFiniteLoss, Parts, resolve_amp, train_one_epoch
 from resnetkit.train.monitor import Progress, RunLogger, format_fields
 from resnetkit.train.optim import LRSchedule, ModelEMA, build_optimizer
 from resnetkit.train.optim import switched as switched_optim
@@ -315,7 +315,8 @@ class _Run:
             momentum_warmup=cfg.optim.momentum_warmup,
             steps_per_tick=1 if schedule_cfg.per == "step" else steps_per_epoch,
         )
-        scaler = torch.amp.GradScaler(info.device.type, enabled=t.amp == "fp16")
+        self.amp = resolve_amp(t.amp, info.device)
+        scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp == "fp16")
         wrapped: nn.Module = model
         if info.enabled:
             wrapped = nn.parallel.DistributedDataParallel(
@@ -353,7 +354,9 @@ class _Run:
         self.say(
             f"training {cfg.task} {self.model_name} ({n_params:,} parameters, {n_train:,} trainable) on "
             f"{cfg.data.name}: {train_loader.num_samples} train / {n_val} val images, {len(task.classes)} classes, "
-            f"{info.world_size} process(es) on {info.device}, run folder {self.run_dir}"
+            f"{info.world_size} process(es) on {info.device}, mixed precision {self.amp}"
+            + (" (train.amp auto)" if t.amp == "auto" else "")
+            + f", run folder {self.run_dir}"
         )
         row: dict[str, Any] = {}
         interrupted = False

@@ -27,7 +27,21 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and step."""
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """train.amp on this device: `auto` becomes bf16 on a CUDA GPU that has it (fp16 on older ones) and on a CPU
+    with AMX tiles, whose bf16 convolutions ran 3.5x the fp32 step in BENCHMARKS.md; none elsewhere (without AMX,
+    e.g. AVX2 only, CPU bf16 is emulated and slower than fp32)."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and torch.cpu._is_amx_tile_supported():
+        return "bf16"
+    return "none"
+
+
 def autocast(device: torch.device, amp: str):
+    amp = resolve_amp(amp, device)
     return torch.autocast(device.type, dtype=_AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp != "none")
 
 
