@@ -9,8 +9,9 @@
 (b) `resnetkit train --config configs/cifar10_cpu10m.yaml --budget <minutes>m`, once per seed: the engine plans the
     steps that fit, training and the final evaluation inside the budget, from the first instruction of `train()`
     (the JPEGs' uint8 cache is built before the first seed, once, and timed apart).
-For (b) the table gives the test accuracy (the recipe's TTA; the EMA's if the recipe keeps one), the training
-images/s, the epochs done, and the seconds of the budget left unused; then the mean and spread over the seeds.
+For (b) the table gives the test accuracy (with the recipe's TTA; of the weights `train.metric` names: the model's
+by default, the EMA's with `val_ema_acc`), the training images/s, the epochs done, and the seconds of the budget
+left unused; then the mean and spread over the seeds.
 """
 
 from __future__ import annotations
