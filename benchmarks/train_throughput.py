@@ -23,10 +23,8 @@ import torch.nn.functional as F
 import torchvision
 
 from resnetkit.config import Config, ModelConfig, TrainConfig
-from resnetkit.models import create_model
 from resnetkit.tasks import get_task
 from resnetkit.train.loop import Parts, train_step
-from resnetkit.train.losses import build_loss
 from resnetkit.train.optim import LRSchedule, build_optimizer
 
 
@@ -76,11 +74,11 @@ def ours(
     amp = amp or ("bf16" if x.device.type == "cuda" else "none")
     train = TrainConfig(channels_last=True, amp=amp, compile=compile)
     cfg = Config(model=ModelConfig(name=name, options=options), train=train)
-    model = create_model(name, num_classes=10, **options).to(x.device, memory_format=torch.channels_last).train()
-    opt = build_optimizer(model, cfg.optim, cfg.model)
     task = get_task("classification")
-    task.cfg, task.mix, task.num_classes = cfg, None, 10  # what build_loaders and build_model would set
-    task.loss = build_loss(cfg.loss, multilabel=False)
+    task.setup_objective(cfg, [str(c) for c in range(10)], torch.full((10,), len(x)))  # as build_loaders does
+    model, _, _ = task.build_model(cfg, load_weights=False)
+    model = model.to(x.device, memory_format=torch.channels_last).train()
+    opt = build_optimizer(model, cfg.optim, cfg.model)
     parts = Parts(
         torch.compile(model) if compile else model,  # as the engine wraps it (train/fit.py)
         task,

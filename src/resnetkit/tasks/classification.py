@@ -52,14 +52,21 @@ class ClassificationTask(Task):
         self.class_counts = {d.train_split: self._counts(train_loader, d.train_split, d.name)}
         if val_loader is not None:
             self.class_counts[d.val_split] = self._counts(val_loader, d.val_split, d.name)
-        self.class_weights = resolve_class_weights(cfg.loss, self.class_counts[d.train_split])
+        self.setup_objective(cfg, self.classes, self.class_counts[d.train_split])
+        return train_loader, val_loader
+
+    def setup_objective(self, cfg: Config, classes: list[str], train_counts: torch.Tensor) -> None:
+        """The rest of what a training step needs: the config, the classes, the loss (with the class weights
+        `loss.class_weights` asks for, from the training split's samples per class) and batch mixing.
+        build_loaders calls it; a caller that feeds its own batches (benchmarks/train_throughput.py) calls it alone."""
+        self.cfg, self.classes = cfg, list(classes)
+        self.class_weights = resolve_class_weights(cfg.loss, train_counts)
         self.loss = build_loss(cfg.loss, self.multilabel, cfg.train.label_smoothing, self.class_weights)
         self.mix = None
-        if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
+        if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:
             from resnetkit.data import mixup_cutmix
 
             self.mix = mixup_cutmix
-        return train_loader, val_loader
 
     def eval_loader(self, cfg: Config, split: str, info: DistInfo):
         """The loader of `split` as validation reads it (training's validation and `resnetkit calibrate`): images
