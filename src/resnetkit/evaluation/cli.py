@@ -176,16 +176,10 @@ def _print_multilabel(console, table, result: dict, out: Path | None) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from resnetkit.train.distributed import cleanup, setup
+    from resnetkit.train.distributed import process_group
 
-    info = setup(args.device)  # under torchrun: join the process group, each rank evaluates its shard
-    finished = False
-    try:
-        code = _eval(args, info)
-        finished = True
-        return code
-    finally:
-        cleanup(finished)
+    with process_group(args.device) as info:  # under torchrun: each rank evaluates its shard
+        return _eval(args, info)
 
 
 def _eval(args: argparse.Namespace, info) -> int:

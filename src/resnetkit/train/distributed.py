@@ -8,7 +8,9 @@ The backend is NCCL on GPUs and gloo on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,15 +81,24 @@ def _restart_store(rank: int, world_size: int) -> dict:
     return {"store": dist.PrefixStore(f"resnetkit/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
 
 
-def cleanup(finished: bool = True) -> None:
-    """Leave the process group. After a normal end (`finished`), wait for every rank first: a rank that tears its
-    gloo group down while a peer is still busy with its last results (rank 0 writing plots) could abort at exit with
-    "terminate called without an active exception" (seen in CI). After an error, leave at once: the peers may be
-    inside another collective, and a barrier would wait for them until the timeout."""
-    if dist.is_initialized():
-        if finished:
-            barrier()
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def process_group(device_name: str = "auto") -> Iterator[DistInfo]:
+    """`setup` for the length of a `with` block: under torchrun, join the process group and leave it at the end.
+
+    After a normal end, every rank waits for the others first: a rank that tears its gloo group down while a peer is
+    still busy with its last results (rank 0 writing plots) could abort at exit with "terminate called without an
+    active exception" (seen in CI). After an error it leaves at once: the peers may be inside another collective,
+    and a barrier would wait for them until the timeout."""
+    info = setup(device_name)
+    finished = False
+    try:
+        yield info
+        finished = True
+    finally:
+        if info.enabled and dist.is_initialized():
+            if finished:
+                barrier()
+            dist.destroy_process_group()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -206,17 +206,9 @@ def train(
         resume = True
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    info = distributed.setup(cfg.train.device)
-    owns_group = info.enabled
-    budget = Budget(cfg.train.budget, started=started) if cfg.train.budget else None
-    finished = False
-    try:
-        result = _Run(cfg, info, resume, quiet, budget, callbacks).run()
-        finished = True
-        return result
-    finally:
-        if owns_group:
-            distributed.cleanup(finished)
+    with distributed.process_group(cfg.train.device) as info:
+        budget = Budget(cfg.train.budget, started=started) if cfg.train.budget else None
+        return _Run(cfg, info, resume, quiet, budget, callbacks).run()
 
 
 class _Run:
@@ -315,8 +307,8 @@ class _Run:
             momentum_warmup=cfg.optim.momentum_warmup,
             steps_per_tick=1 if schedule_cfg.per == "step" else steps_per_epoch,
         )
-        self.amp = resolve_amp(t.amp, info.device)
-        scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp == "fp16")
+        amp = resolve_amp(t.amp, info.device)
+        scaler = torch.amp.GradScaler(info.device.type, enabled=amp == "fp16")
         wrapped: nn.Module = model
         if info.enabled:
             wrapped = nn.parallel.DistributedDataParallel(
@@ -354,7 +346,7 @@ class _Run:
         self.say(
             f"training {cfg.task} {self.model_name} ({n_params:,} parameters, {n_train:,} trainable) on "
             f"{cfg.data.name}: {train_loader.num_samples} train / {n_val} val images, {len(task.classes)} classes, "
-            f"{info.world_size} process(es) on {info.device}, mixed precision {self.amp}"
+            f"{info.world_size} process(es) on {info.device}, mixed precision {amp}"
             + (" (train.amp auto)" if t.amp == "auto" else "")
             + f", run folder {self.run_dir}"
         )
