@@ -100,6 +100,10 @@ class DataConfig:
     fast: bool | None = None
     """True: the cached uint8 tensor pipeline; False: a DataLoader; None: picked by image size."""
     cache_dir: str | None = None
+    pixel_cache: bool = False
+    """Image files: decode every image once, at full size, into an uncompressed cache under cache_dir (3 bytes a
+    pixel: the log gives its size), and read pixels instead of decoding JPEGs from then on; the same augmentation.
+    For photos of a few hundred pixels (CUB, ImageNet-style folders), where decoding is most of a loader's work."""
     augment: list[str] = field(default_factory=list)
     """Extra training augmentations of resnetkit.data, by name."""
     mixup_alpha: float = 0.0

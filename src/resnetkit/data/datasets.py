@@ -65,6 +65,7 @@ class _FileDataset(torch.utils.data.Dataset):
         # for a random crop chosen before decoding (`resnetkit.data.transforms.RandomResizedCropPlan`).
         self.min_size: int | None = None
         self.crop_plan = None
+        self.pixels = None  # a resnetkit.data.fast.PixelCache of these samples: read pixels, not files
 
     @property
     def targets(self) -> list[int]:
@@ -84,12 +85,17 @@ class _FileDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> torch.Tensor:
         """The image of sample `index` as uint8 RGB (3, H, W), before the transform; raises BadImageError."""
         hints = self.accepts_decode_hints
-        img = decode_image(
-            self.samples[index][0],
-            max_pixels=self.max_pixels,
-            min_size=self.min_size if hints else None,
-            crop=self.crop_plan if hints else None,
-        )
+        if self.pixels is not None:  # full-size pixels: the planned crop is cut from them, there is no reduced scale
+            size = self.pixels.size(index)
+            region = self.crop_plan(*size)[0] if hints and self.crop_plan is not None and size else None
+            img = self.pixels.read(index, self.samples[index][0], region)
+        else:
+            img = decode_image(
+                self.samples[index][0],
+                max_pixels=self.max_pixels,
+                min_size=self.min_size if hints else None,
+                crop=self.crop_plan if hints else None,
+            )
         box = self._box(index)
         if box is not None:
             img = img[:, box[0] : box[0] + box[2], box[1] : box[1] + box[3]]
@@ -120,6 +126,7 @@ class _FileDataset(torch.utils.data.Dataset):
     def select(self, indices: Sequence[int]) -> None:
         """Keep only these samples, in this order (a subset)."""
         self.samples = [self.samples[i] for i in indices]
+        self.pixels = None  # it was indexed by the samples before
 
     def cache_key(self) -> str:
         """A digest of the source files (paths, sizes, modification times): a change invalidates caches."""

@@ -580,6 +580,7 @@ def build_loader(
     columns: dict | None = None,
     splits: str | os.PathLike | None = None,
     sampler: str = "none",
+    pixel_cache: bool = False,
 ) -> Loader:
     """A Loader over a dataset named as in `build_dataset`.
 
@@ -590,7 +591,9 @@ def build_loader(
     rank/world_size, and full (the last partial batch is dropped); evaluation batches cover every sample once.
     `subset`: a stratified, seeded subset of this many samples (`stratified_indices` with `seed`; multi-label:
     iterative stratification). `columns`, `splits`: as `build_dataset` (CSV columns, split lists). `sampler`:
-    "none", or "balanced" (training only: `Loader.balance`). Targets are int64 labels, or float32 multi-hot rows
+    "none", or "balanced" (training only: `Loader.balance`). `pixel_cache`: image files are decoded once into
+    `fast.PixelCache` under cache_dir and read from it after (no effect where the images are already held decoded:
+    the tensor pipeline, CIFAR, rendered datasets). Targets are int64 labels, or float32 multi-hot rows
     (C,) for a multi-label dataset (`dataset.multilabel`).
     """
     if sampler not in ("none", "balanced"):
@@ -626,6 +629,8 @@ def build_loader(
     from resnetkit.data import fast as fastlib
 
     data = fastlib.load_tensors(dataset, cache_dir, strict) if fast else None
+    if pixel_cache and not fast and hasattr(dataset, "pixels"):
+        dataset.pixels = fastlib.pixel_cache(dataset, cache_dir)
     if given:
         preprocess = given
     else:

@@ -158,7 +158,14 @@ def _check_same_recipe(run_dir: Path, cfg: Config) -> None:
 
 
 # Keys that say where and how a run is watched, not what it trains: a run may be continued with them changed.
-_MACHINE_KEYS = {"train.threads", "train.device", "train.log_every_s", "data.workers", "data.cache_dir"}
+_MACHINE_KEYS = {
+    "train.threads",
+    "train.device",
+    "train.log_every_s",
+    "data.workers",
+    "data.cache_dir",
+    "data.pixel_cache",
+}
 
 
 def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

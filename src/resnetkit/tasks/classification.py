@@ -189,6 +189,7 @@ def _loader_options(cfg: Config, info: DistInfo) -> dict[str, Any]:
         world_size=info.world_size,
         fast=d.fast,
         cache_dir=d.cache_dir,
+        pixel_cache=d.pixel_cache,
         image_size=d.image_size,
         **dataset_options(d, task=cfg.task),  # root, split lists, a listing's columns
     )
