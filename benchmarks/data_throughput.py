@@ -8,7 +8,8 @@ Rows (images per second, training augmentation on, batches on the CPU):
 - ours, cached: build_loader(preset="cifar") on the same folder, steady state over one epoch; building the uint8
   cache (decoding the 50,000 JPEGs once) is timed separately;
 - large photos, torchvision (the peer) against ours with the same worker count (`default_workers()`, one per core),
-  each timed over three epochs after a first (which starts the workers and warms the page cache):
+  each timed over three epochs after a first (which starts the workers and warms the page cache), run --repeats
+  times alternating peer and ours (the table shows the median run and lists every run):
   - the 200 photos of ../shared/data/imagenet-sample (about 500 x 375) with the `imagenet` training preset
     (RandomResizedCrop 224 + flip) and its evaluation (resize 256, centre crop 224);
   - the CUB-200 subset's 300 training images (about 500 x 375) with `cub448` (resize 512, random crop 448, flip);
@@ -17,7 +18,8 @@ Rows (images per second, training augmentation on, batches on the CPU):
   The peer is torchvision.datasets.ImageFolder + per-sample transforms (PIL decode, the same geometry, ToTensor,
   Normalize) + DataLoader; ours is build_loader (decode_image, uint8 to the main process, batch normalisation), and
   for the small photos also build_loader with data.pixel_cache (each JPEG decoded once into the pixel cache, whose
-  build is timed apart; the passes timed read pixels).
+  build is timed apart; the passes timed read pixels). Each of these measurements runs in a fresh process of its
+  own; ours' processes are set up as `resnetkit train` sets itself up (`train.keep_freed_memory`, its default).
 The cache goes to a temporary folder (or --cache-dir), so the cache-build figure is a cold build.
 """
 
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from _isolated import isolated
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -89,22 +92,50 @@ def _folder_of(files: list[Path], root: Path) -> Path:
     return root
 
 
-def large_photo_rows(data: Path, tmp: Path, large: int) -> list[tuple]:
+def peer_rate(root: str, case: str, workers: int) -> tuple[float, int]:
+    """torchvision's ImageFolder + per-sample transforms + DataLoader on root/train (in a process of its own)."""
     import torchvision
-    from PIL import Image
     from torchvision import transforms as T
 
+    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    transform = {
+        "imagenet train": T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
+        "imagenet eval": T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm]),
+        "cub448 train": T.Compose([T.Resize(512), T.RandomCrop(448), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
+    }[case]
+    dataset = torchvision.datasets.ImageFolder(str(Path(root) / "train"), transform=transform)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=32, shuffle=case.endswith("train"), num_workers=workers, persistent_workers=True
+    )
+    return _epoch_rate(loader)
+
+
+def ours_rate(root: str, case: str, workers: int, cache_dir: str | None) -> tuple[float, int, float]:
+    """build_loader on root/train as `resnetkit train` runs it (train.keep_freed_memory, its default), with
+    data.pixel_cache when cache_dir is given (in a process of its own): (images/s, images timed, seconds to build)."""
     from resnetkit.data import build_loader
+    from resnetkit.train.loop import keep_freed_memory
+
+    keep_freed_memory()
+    preset, mode = case.split()
+    start = time.perf_counter()
+    loader = build_loader(
+        root, "train", preset=preset, batch_size=32, train=mode == "train", workers=workers, fast=False,
+        cache_dir=cache_dir, pixel_cache=cache_dir is not None,
+    )  # fmt: skip
+    build_s = time.perf_counter() - start
+    rate, n = _epoch_rate(loader)
+    loader.close()
+    return rate, n, build_s
+
+
+def large_photo_rows(data: Path, tmp: Path, large: int, repeats: int) -> list[tuple]:
+    from PIL import Image
+
     from resnetkit.data.datasets import CUB200
     from resnetkit.data.loader import default_workers
 
     workers = default_workers()
-    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    peer_transforms = {
-        "imagenet train": T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
-        "imagenet eval": T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm]),
-        "cub448 train": T.Compose([T.Resize(512), T.RandomCrop(448), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
-    }
     photos = sorted((data / "imagenet-sample").glob("*.JPEG"))
     cub_train = [Path(p) for p, _ in CUB200(data / "cub200-2011-subset", "train").samples]
     big = tmp / "big"
@@ -124,54 +155,38 @@ def large_photo_rows(data: Path, tmp: Path, large: int) -> list[tuple]:
     rows = []
     for title, root, cases, pixel_cache in sets:
         for case in cases:
-            preset, mode = case.split()
-            peer = torchvision.datasets.ImageFolder(str(root / "train"), transform=peer_transforms[case])
-            peer_loader = torch.utils.data.DataLoader(
-                peer, batch_size=32, shuffle=mode == "train", num_workers=workers, persistent_workers=True
-            )
-            peer_rate, _ = _epoch_rate(peer_loader)
-            del peer_loader
-            gc.collect()  # its workers stop here, not in a later loader's forked workers
-            ours = build_loader(
-                root, "train", preset=preset, batch_size=32, train=mode == "train", workers=workers, fast=False
-            )
-            ours_rate, n = _epoch_rate(ours)
-            ours.close()
-            rows.append((f"torchvision ImageFolder, {case}, {workers} workers", title, peer_rate, n, ""))
-            rows.append(
-                (
-                    f"ours: build_loader, {case}, {workers} workers",
-                    title,
-                    ours_rate,
-                    n,
-                    f"{ours_rate / peer_rate:.2f}x torchvision",
-                )
-            )
-            print(f"{rows[-1][0]}: {rows[-1][4]}", file=sys.stderr, flush=True)  # progress
-            if not pixel_cache:
-                continue
             cache_dir = tmp / f"pixels-{root.name}"
             reused = cache_dir.exists()  # the training row's cache, read again by the evaluation row
-            start = time.perf_counter()
-            cached = build_loader(
-                root, "train", preset=preset, batch_size=32, train=mode == "train", workers=workers, fast=False,
-                cache_dir=cache_dir, pixel_cache=True,
-            )  # fmt: skip
-            build_s = time.perf_counter() - start
-            cached_rate, n = _epoch_rate(cached)
-            cached.close()
-            rows.append(
-                (
-                    f"ours: build_loader + data.pixel_cache, {case}, {workers} workers",
-                    title,
-                    cached_rate,
-                    n,
-                    f"{cached_rate / peer_rate:.2f}x torchvision "
-                    + ("(the cache of the row above)" if reused else f"(cache built once: {build_s:.1f} s)"),
-                )
-            )
-            print(f"{rows[-1][0]}: {rows[-1][4]}", file=sys.stderr, flush=True)
+            peer, ours, cached, build = [], [], [], []
+            for _ in range(repeats):  # alternating, each in a fresh process; the medians go in the table
+                peer.append(isolated(peer_rate, str(root), case, workers))
+                ours.append(isolated(ours_rate, str(root), case, workers, None))
+                if pixel_cache:
+                    cached.append(isolated(ours_rate, str(root), case, workers, str(cache_dir)))
+                    build.append(cached[-1][2])
+            peer_rate_, n = _median(peer)
+            rows.append((f"torchvision ImageFolder, {case}, {workers} workers", title, peer_rate_, n, _spread(peer)))
+            rate, n = _median(ours)
+            note = f"{rate / peer_rate_:.2f}x torchvision; {_spread(ours)}"
+            rows.append((f"ours: build_loader, {case}, {workers} workers", title, rate, n, note))
+            print(f"{rows[-1][0]}: {rows[-1][4]}", file=sys.stderr, flush=True)  # progress
+            if pixel_cache:
+                rate, n = _median(cached)
+                built = "the cache of the row above" if reused else f"cache built once in {build[0]:.1f} s"
+                note = f"{rate / peer_rate_:.2f}x torchvision; {_spread(cached)}; {built}"
+                rows.append((f"ours: build_loader + data.pixel_cache, {case}, {workers} workers", title, rate, n, note))
+                print(f"{rows[-1][0]}: {rows[-1][4]}", file=sys.stderr, flush=True)
     return rows
+
+
+def _median(results: list[tuple]) -> tuple[float, int]:
+    """The median run's (images/s, images timed)."""
+    ordered = sorted(results)
+    return ordered[len(ordered) // 2][:2]
+
+
+def _spread(results: list[tuple]) -> str:
+    return "runs " + " / ".join(f"{r[0]:,.0f}" for r in results)
 
 
 def main() -> None:
@@ -181,6 +196,7 @@ def main() -> None:
     parser.add_argument("--seed-batches", type=int, default=60, help="batches timed for the seed-style pipeline")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: a fresh temporary folder")
     parser.add_argument("--large", type=int, default=48, help="ImageNet photos enlarged to 4000x3000")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each photo row (the median is shown)")
     args = parser.parse_args()
 
     from resnetkit.data import build_loader
@@ -220,7 +236,7 @@ def main() -> None:
         )
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows += large_photo_rows(args.data, Path(tmp), args.large)
+        rows += large_photo_rows(args.data, Path(tmp), args.large, args.repeats)
 
     cpu = next(
         (

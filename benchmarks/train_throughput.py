@@ -6,10 +6,13 @@ Both train the same architecture on the same random batch (the data pipeline is 
 - ResNet-18 with the CIFAR stem (3x3 conv, no max-pool) at 32 px, batch 128;
 - ResNet-50 at 224 px, batch 16.
 "plain" is the textbook loop on torchvision's model (NCHW, fp32). "ours" is resnetkit.train.loop.train_step with the
-recipe's flags (channels_last; bf16 autocast too on a GPU). `--compile` adds a column for `train.compile: true` (the
-model torch.compile'd as the engine does it; the compilation happens in the warm-up steps, outside the timing).
-`--bf16` adds one for `train.amp: bf16` (autocast on a CPU too). `--profile` prints, for ours, the operators that take
-the most CPU time in the timed steps (torch.profiler; ours' rate in that run includes the profiler's overhead).
+recipe's flags (channels_last; bf16 autocast too on a GPU) in a process set up as `resnetkit.train` sets it up
+(`train.keep_freed_memory`: glibc's malloc keeps freed memory for reuse). Every measurement runs in a fresh process
+of its own, so no loop inherits another's allocator state or caches. `--compile` adds a column for
+`train.compile: true` (the model torch.compile'd as the engine does it; the compilation happens in the warm-up
+steps, outside the timing). `--bf16` adds one for `train.amp: bf16` (autocast on a CPU too). `--system-malloc` adds
+one for ours with `train.keep_freed_memory: false`. `--profile` prints, for ours, the operators that take the most
+CPU time in the timed steps (torch.profiler; ours' rate in that run includes the profiler's overhead).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from _isolated import isolated
 
 from resnetkit.config import Config, ModelConfig, TrainConfig
 from resnetkit.tasks import get_task
-from resnetkit.train.loop import Parts, train_step
+from resnetkit.train.loop import Parts, keep_freed_memory, train_step
 from resnetkit.train.optim import LRSchedule, build_optimizer
 
 
@@ -69,10 +73,13 @@ def ours(
     compile: bool = False,
     amp: str | None = None,
     profile: bool = False,
+    keep_memory: bool = True,
 ) -> float:
     """Ours' images/s; `amp` None is the recipes' default (bf16 on a GPU, none on a CPU)."""
     amp = amp or ("bf16" if x.device.type == "cuda" else "none")
-    train = TrainConfig(channels_last=True, amp=amp, compile=compile)
+    train = TrainConfig(channels_last=True, amp=amp, compile=compile, keep_freed_memory=keep_memory)
+    if train.keep_freed_memory:
+        keep_freed_memory()  # as resnetkit.train does before it builds anything
     cfg = Config(model=ModelConfig(name=name, options=options), train=train)
     task = get_task("classification")
     task.setup_objective(cfg, [str(c) for c in range(10)], torch.full((10,), len(x)))  # as build_loaders does
@@ -104,12 +111,26 @@ def ours(
     return rate
 
 
+def measure(kind: str, name: str, cifar: bool, size: int, batch: int, steps: int, flags: dict, threads) -> float:
+    """One loop's images/s on the case's random batch (each in a fresh process: `_isolated.isolated`)."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    if kind == "plain":
+        return plain(name, cifar, x, y, steps)
+    return ours(name, {"stem": "cifar"} if cifar else {}, x, y, steps, **flags)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per case (after 2 warm-up steps)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--compile", action="store_true", help="add a column for ours with train.compile: true")
     ap.add_argument("--bf16", action="store_true", help="add a column for ours with train.amp: bf16 (for a CPU)")
+    ap.add_argument("--system-malloc", action="store_true", help="add a column for train.keep_freed_memory: false")
     ap.add_argument("--profile", action="store_true", help="print ours' most expensive operators (torch.profiler)")
     args = ap.parse_args()
     if args.threads:
@@ -123,20 +144,19 @@ def main() -> None:
     variants = {"resnetkit compiled": {"compile": True}} if args.compile else {}
     if args.bf16:
         variants["resnetkit bf16"] = {"amp": "bf16"}
+    if args.system_malloc:
+        variants["resnetkit, malloc as glibc's"] = {"keep_memory": False}
     extra = "".join(f" {title} img/s | speed-up |" for title in variants)
     print(f"| {'case':40s} | plain torchvision img/s | resnetkit img/s | speed-up |{extra}")
     rule = f"|{'-' * 42}|-------------------------|-----------------|----------|"
     print(rule + "".join("-" * (len(title) + 8) + "|----------|" for title in variants))
     for title, name, cifar, size, batch, steps in cases:
-        torch.manual_seed(0)
-        x = torch.randn(batch, 3, size, size, device=device)
-        y = torch.randint(0, 10, (batch,), device=device)
-        a = plain(name, cifar, x, y, steps)
-        options = {"stem": "cifar"} if cifar else {}
-        b = ours(name, options, x, y, steps, profile=args.profile)
+        case = (name, cifar, size, batch, steps)
+        a = isolated(measure, "plain", *case, {}, args.threads)
+        b = isolated(measure, "ours", *case, {"profile": args.profile}, args.threads)
         row = f"| {title:40s} | {a:23.1f} | {b:15.1f} | {b / a:7.2f}x |"
         for title, flags in variants.items():
-            c = ours(name, options, x, y, steps, **flags)
+            c = isolated(measure, "ours", *case, flags, args.threads)
             row += f" {c:{len(title) + 6}.1f} | {c / a:7.2f}x |"
         print(row, flush=True)
 

@@ -217,6 +217,51 @@ def test_amp_auto_picks_bf16_only_on_a_cpu_with_amx(tiny, tmp_path, monkeypatch)
         assert load_checkpoint(result.last_checkpoint)["config"]["train"]["amp"] == "auto"  # resolved per machine
 
 
+KEEP_FREED = """
+import ctypes, torch
+from resnetkit.train.loop import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def free_in_heap():  # bytes malloc holds free for reuse, after a 64 MB tensor is freed
+    x = torch.ones(64 << 20, dtype=torch.uint8)
+    del x
+    return libc.mallinfo2().fordblks
+
+before = free_in_heap()
+applied = keep_freed_memory()
+print(applied, before, free_in_heap())
+"""
+
+
+def test_keep_freed_memory_keeps_a_freed_block_for_reuse():
+    """glibc returns a freed 64 MB block to the OS at once; after keep_freed_memory it stays in the heap (in a
+    process of its own: the setting is process-wide)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", KEEP_FREED], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    applied, before, after = done.stdout.split()
+    assert applied == "True" and int(before) < 64 << 20 <= int(after), done.stdout
+
+
+def test_the_engine_keeps_freed_memory_unless_the_recipe_says_not(tiny, tmp_path, monkeypatch):
+    import resnetkit.train.fit as fit
+
+    for keep in (True, False):
+        calls: list[int] = []
+        monkeypatch.setattr(fit, "keep_freed_memory", lambda calls=calls: calls.append(1) or True)
+        cfg = tiny_config(tiny, tmp_path, name=f"keep_{keep}", train={"epochs": 1, "keep_freed_memory": keep})
+        train(config_from_dict(cfg), quiet=True)
+        assert calls == ([1] if keep else [])
+
+
 def test_classification_without_validation(tiny, tmp_path):
     """data.val_split "" trains without a validation split, as detection and segmentation already do."""
     result = train(

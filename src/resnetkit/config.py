@@ -286,6 +286,10 @@ class TrainConfig:
     """torch CPU threads (None: torch's default, one per core). On a CPU shared with other jobs 1 is often fastest:
     two threads on two busy cores spin at every synchronisation (a detection step measured 30 s wall instead of
     5.6 s)."""
+    keep_freed_memory: bool = True
+    """Reuse the memory the process frees rather than returning it to the OS at once (glibc's malloc thresholds
+    raised: `resnetkit.train.loop.keep_freed_memory`): CPU steps stop page-faulting fresh memory for every large
+    tensor (ResNet-50 trained about 25% faster here). The process's memory stays near its peak. Linux only."""
     deterministic: bool = False
     """Deterministic algorithms (exact resume on the CPU), slower on GPUs."""
     sync_bn: bool = False

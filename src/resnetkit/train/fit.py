@@ -32,7 +32,7 @@ from resnetkit.checkpoint import load_checkpoint, save_checkpoint
 from resnetkit.config import Config, ScheduleConfig, config_from_dict, load_config, save_config
 from resnetkit.train import distributed
 from resnetkit.train.budget import Budget
-from resnetkit.train.loop import NonFiniteLoss, Parts, resolve_amp, train_one_epoch
+from resnetkit.train.loop import NonFiniteLoss, Parts, keep_freed_memory, resolve_amp, train_one_epoch
 from resnetkit.train.monitor import Progress, RunLogger, format_fields
 from resnetkit.train.optim import LRSchedule, ModelEMA, build_optimizer
 from resnetkit.train.optim import switched as switched_optim
@@ -206,6 +206,8 @@ def train(
         resume = True
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()
     with distributed.process_group(cfg.train.device) as info:
         budget = Budget(cfg.train.budget, started=started) if cfg.train.budget else None
         return _Run(cfg, info, resume, quiet, budget, callbacks).run()

@@ -8,7 +8,9 @@ is and how its loss is computed belongs to the task (`resnetkit.tasks.Task.train
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,29 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     if device.type == "cpu" and torch.cpu._is_amx_tile_supported():
         return "bf16"
     return "none"
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_KEEP_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse the memory it frees instead of handing it back to the OS (train.keep_freed_memory).
+
+    glibc's malloc maps every block over its mmap threshold (128 KB, rising to at most 32 MB) fresh from the OS and
+    unmaps it when freed, so each CPU training step page-faults in new memory for every large activation and
+    gradient: about a fifth of a ResNet-50 step here (BENCHMARKS.md). Raising the mmap and trim thresholds to 1 GB
+    keeps freed blocks in the heap for the next step, as a preloaded jemalloc or tcmalloc would. Process-wide, and
+    inherited by forked loader workers; the process's memory then stays near its peak. Returns whether it applied:
+    False off Linux or where the C library has no working mallopt (musl's does nothing)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
 
 
 def autocast(device: torch.device, amp: str):
