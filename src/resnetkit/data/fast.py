@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,11 +237,9 @@ def pixel_cache(dataset, cache_dir: str | os.PathLike | None = None, threads: in
             return e
 
     def write(f) -> None:
-        from resnetkit.cli_shared import StderrProgress
-
         n, chunk = len(dataset.samples), 64  # decoded in chunks, so that memory holds a chunk, not the dataset
         # torchvision's and Pillow's decoders release the GIL: threads decode in parallel.
-        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool, StderrProgress() as bar:
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             for first in range(0, n, chunk):
                 for i, img in enumerate(pool.map(decode, range(first, min(first + chunk, n))), first):
                     index["offsets"].append(index["bytes"])
@@ -251,10 +250,11 @@ def pixel_cache(dataset, cache_dir: str | os.PathLike | None = None, threads: in
                     f.write(img.permute(1, 2, 0).numpy().tobytes())  # (H, W, 3): see `read`
                     index["shapes"].append(list(img.shape))
                     index["bytes"] += img.numel()
-                bar.update("pixel cache", min(first + chunk, n), n)
 
+    start = time.perf_counter()
     write_atomic(data_path, write)
     write_atomic(index_path, json.dumps(index))  # last: an index on disk means its pixel file is whole
+    log.info("pixel cache built in %.1f s (%d images)", time.perf_counter() - start, len(dataset.samples))
     return PixelCache(data_path, index)
 
 
