@@ -16,9 +16,10 @@ Rows (images per second, training augmentation on, batches on the CPU):
   - 48 of the ImageNet photos enlarged to 4000 x 3000 (a phone's 12 MP photo, written as JPEG quality 90 once into
     a temporary folder): the `imagenet` training and evaluation presets, where decoding at reduced scale applies.
   The peer is torchvision.datasets.ImageFolder + per-sample transforms (PIL decode, the same geometry, ToTensor,
-  Normalize) + DataLoader; ours is build_loader (decode_image, uint8 to the main process, batch normalisation), and
-  for the small photos also build_loader with data.pixel_cache (each JPEG decoded once into the pixel cache, whose
-  build is timed apart; the passes timed read pixels). Each of these measurements runs in a fresh process of its
+  Normalize) + DataLoader; ours is build_loader (decode_image, uint8 batches stacked into reused shared-memory slots,
+  normalised in the main process), and for the small photos also build_loader with data.pixel_cache (each JPEG
+  decoded once into the pixel cache, resized there where the preset's first resize is the same for every image;
+  its build is timed apart, and the passes timed read pixels). Each of these measurements runs in a fresh process of its
   own; ours' processes are set up as `resnetkit train` sets itself up (`train.keep_freed_memory`, its default).
 The cache goes to a temporary folder (or --cache-dir), so the cache-build figure is a cold build.
 """

@@ -9,8 +9,9 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from resnetkit.data import build_loader, build_transform, eval_transform_from, mixup_cutmix, preprocess_info
+from resnetkit.data.datasets import SkippedSample
 from resnetkit.data.fast import crop_flip_batch, erase_batch
-from resnetkit.data.loader import FileLoader, TensorLoader
+from resnetkit.data.loader import BatchSlots, FileLoader, TensorLoader
 from resnetkit.data.transforms import compute_mean_std
 from resnetkit.data.transforms import normalize as normalize_batch
 
@@ -70,6 +71,52 @@ def test_normalisation_matches_torchvision():
     mean, std = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
     expected = v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(x))
     torch.testing.assert_close(normalize_batch(x, mean, std), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (256, 3, 32, 32), (8, 3, 448, 448)])
+def test_normalize_gives_the_bits_of_one_pass_over_the_whole_batch(shape):
+    """On the CPU `normalize` goes a cache-sized group of images at a time (one image at a time at 448 px, many at
+    32 px); each element goes through the same float operations as in one pass over the batch."""
+    x = torch.randint(0, 256, shape, dtype=torch.uint8)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    m, s = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+    one_pass = x.float().mul_(1.0 / (255.0 * s)).sub_(m / s)
+    out = normalize_batch(x, mean, std)
+    assert out.dtype == torch.float32 and torch.equal(out, one_pass)
+    assert normalize_batch(x, mean, std).data_ptr() != out.data_ptr()  # a batch of its own each call
+
+
+def test_worker_batches_equal_batches_made_here_and_stay_as_handed_over(imagenet_sample, tmp_path):
+    """Workers stack preset batches into a few reused shared-memory slots (`BatchSlots`): a whole epoch held at once,
+    more batches than slots, equals the epoch made in this process, batch for batch; images of a size other than
+    the slots' (the cifar preset evaluates images as they are) are stacked the usual way."""
+    folder = tmp_path / "data" / "train" / "all"
+    folder.mkdir(parents=True)
+    for photo in sorted(imagenet_sample.glob("*.JPEG"))[:48]:
+        (folder / photo.name).symlink_to(photo)
+    options = dict(preset="imagenet", batch_size=4, train=True, seed=1, device="cpu")
+    here = list(build_loader(tmp_path / "data", "train", workers=0, **options))
+    loader = build_loader(tmp_path / "data", "train", workers=2, **options)
+    assert 1 < loader._slots.count < len(here) == 12
+    there = list(loader)
+    loader.close()
+    assert len({images.data_ptr() for images, _ in there}) == len(there)
+    for (a, labels_a), (b, labels_b) in zip(here, there, strict=True):
+        assert torch.equal(a, b) and torch.equal(labels_a, labels_b)
+
+
+def test_batch_slots_take_batches_of_their_shape_and_pass_others_on():
+    slots = BatchSlots(3, 4, (3, 8, 8))
+    images = [torch.full((3, 8, 8), i, dtype=torch.uint8) for i in range(3)]
+    skipped = SkippedSample("/data/bad.jpg", "not an image")
+    slot, labels, bad = slots.collate([(images[0], 5, 2), skipped, (images[1], 7, 2), (images[2], 1, 2)])
+    assert slot == 2 and labels.tolist() == [5, 7, 1] and bad == [("/data/bad.jpg", "not an image")]
+    assert torch.equal(slots.batch_of(slot, 3), torch.stack(images))
+    other = torch.zeros(3, 9, 9, dtype=torch.uint8)  # not the slots' shape: stacked as collate_skipping does
+    batch, labels, _ = slots.collate([(other, 0, 1), (other, 1, 1)])
+    assert batch.shape == (2, 3, 9, 9) and torch.equal(slots.batch_of(batch, 2), batch) and labels.tolist() == [0, 1]
+    empty, labels, bad = slots.collate([skipped])
+    assert empty.numel() == 0 and labels.numel() == 0 and len(bad) == 1
 
 
 def test_eval_batches_equal_the_eval_transform_of_the_checkpoint(shapes_loader):

@@ -1,6 +1,7 @@
-"""data.pixel_cache: image files decoded once, at full size, into an uncompressed cache read through a memory map.
-Batches read from it are the batches decoded from the files, bit for bit; bad files are reported as without it; the
-cache is reused while the files are unchanged, rebuilt when it is damaged, and refused when the disk is too small."""
+"""data.pixel_cache: image files decoded once (at full size, or with the transform's fixed resize done) into an
+uncompressed cache read through a memory map. Batches read from it are the batches decoded from the files, bit for
+bit; bad files are reported as without it; the cache is reused while the files are unchanged, rebuilt when it is
+damaged, and refused when the disk is too small."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from resnetkit.config import config_from_dict
 from resnetkit.data import build_loader
 from resnetkit.data import fast as fastlib
 from resnetkit.data.datasets import ImageFolder
 from resnetkit.data.image import BadImageError, decode_image
+from resnetkit.data.transforms import TrimAspect, fixed_head
 
 
 def photo_folder(imagenet_sample: Path, root: Path, per_class: int = 3) -> Path:
@@ -45,6 +48,30 @@ def test_batches_from_the_pixel_cache_equal_the_batches_decoded_from_the_files(c
         assert len(pairs) == 3
         for (a, labels_a), (b, labels_b) in pairs:
             assert torch.equal(a, b) and torch.equal(labels_a, labels_b)
+
+
+FIXED = [("cub448", True, 512), ("imagenet", False, 256), ("imagenet", True, 0)]
+
+
+@pytest.mark.parametrize(("preset", "train", "side"), FIXED)
+def test_the_cache_stores_images_with_the_transforms_fixed_first_steps_done(cub_root, tmp_path, preset, train, side):
+    """cub448 (training and evaluation) and imagenet evaluation start with the same resize for every image: the cache
+    holds the images resized, and the workers' transform leaves it out (the batches are the same bits: the test
+    above); the imagenet training crop needs the full image."""
+    options = dict(preset=preset, batch_size=6, train=train, workers=0, subset=12, seed=3, cache_dir=tmp_path)
+    loader = build_loader(cub_root, "train", pixel_cache=True, **options)
+    cache, dataset = loader.dataset.pixels, loader.dataset
+    assert cache.head == [repr(step) for step in fixed_head(loader.preprocess, train)]
+    head = fixed_head(loader.preprocess, train)
+    assert cache.path.stat().st_size == fastlib._pixel_bytes(dataset, head)  # the disk check's estimate
+    if not side:
+        full = [list(decode_image(path).shape) for path, _ in dataset.samples]
+        assert cache.head == [] and cache.shapes == full
+        return
+    assert all(min(shape[1:]) == side for shape in cache.shapes)
+    for augmenting in (True, False):
+        loader.set_augmentation(augmenting)
+        assert not any(isinstance(step, (v2.Resize, TrimAspect)) for step in dataset.transform.transforms)
 
 
 def test_the_cache_holds_each_decoded_image_and_cuts_regions_from_it(imagenet_sample, tmp_path):

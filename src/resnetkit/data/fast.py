@@ -8,8 +8,9 @@ no per-sample Python in the hot loop, which is what keeps a GPU fed.
 
 Photos (a few hundred pixels on a side, e.g. CUB or ImageNet-style folders) are too large to hold that way, and the
 per-sample DataLoader spends most of its time decoding them. `PixelCache` (data.pixel_cache) decodes each file once
-at full size into one uncompressed file read through a memory map: later epochs cut and resize pixels instead of
-decoding JPEGs, with the same augmentation.
+into one uncompressed file read through a memory map, at full size, or already resized where the preset's transform
+starts with the same resize for every image (`transforms.fixed_head`): later epochs cut pixels instead of decoding
+JPEGs (and resizing them), with the same augmentation.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ from resnetkit.data.image import BadImageError, decode_image, image_size
 from resnetkit.fileio import write_atomic
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied by the one decoder
-PIXEL_CACHE_VERSION = 1  # (H, W, 3) uint8 images back to back
+PIXEL_CACHE_VERSION = 2  # (H, W, 3) uint8 images back to back; 2: the index names the transform steps done
 SMALL_IMAGE_MAX = 64  # ImageFolder images up to this many pixels on a side go through the fast pipeline
 
 
@@ -148,9 +150,10 @@ def first_image_side(dataset) -> int:
 
 
 class PixelCache:
-    """Every image of a file dataset, decoded once at full size (upright uint8 RGB, what `decode_image` gives, stored
-    (H, W, 3)), in one uncompressed file on disk (3 bytes a pixel) read through a memory map; an index file beside it
-    holds each image's offset and shape, or why it could not be read. Build or reuse one with `pixel_cache`.
+    """Every image of a file dataset, decoded once (upright uint8 RGB, what `decode_image` gives, stored (H, W, 3)), at
+    full size or with a transform's fixed first steps done (`head`: their reprs), in one uncompressed file on disk
+    (3 bytes a pixel) read through a memory map; an index file beside it holds each image's offset and shape, or why
+    it could not be read. Build or reuse one with `pixel_cache`.
 
     Worker processes open their own memory map on first use (the map itself is never pickled)."""
 
@@ -159,6 +162,7 @@ class PixelCache:
         self.offsets: list[int] = index["offsets"]
         self.shapes: list[list[int] | None] = index["shapes"]
         self.reasons: dict[str, str] = index["skipped"]  # str(sample index) -> why that file was left out
+        self.head: list[str] = index["head"]  # the transform steps done to the stored images, as their reprs
         self._map: np.memmap | None = None
 
     def __len__(self) -> int:
@@ -191,23 +195,39 @@ class PixelCache:
         return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)
 
 
-def _pixel_bytes(dataset) -> int:
-    """The pixel cache's size for `dataset` from the files' headers (3 bytes a pixel; unreadable files count 0)."""
+def _pixel_bytes(dataset, head: Sequence[torch.nn.Module] = ()) -> int:
+    """The pixel cache's size for `dataset` from the files' headers, after `head` (3 bytes a pixel; unreadable files
+    count 0)."""
     total = 0
     for path, _ in dataset.samples:
         try:
             width, height = image_size(path)
         except (BadImageError, FileNotFoundError):
             continue
-        total += 3 * width * height
+        shape = torch.empty(3, height, width, dtype=torch.uint8, device="meta")  # sizes only: nothing is computed
+        for step in head:
+            shape = step(shape)
+        total += shape.numel()
     return total
 
 
-def pixel_cache(dataset, cache_dir: str | os.PathLike | None = None, threads: int | None = None) -> PixelCache:
+def pixel_cache(
+    dataset,
+    cache_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+    head: Sequence[torch.nn.Module] = (),
+) -> PixelCache:
     """The `PixelCache` of an ImageFolder/CsvListing/CUB200 dataset under cache_dir/pixels/, keyed by the source's
-    content (`dataset.cache_key()`); built on first use, by threads decoding in parallel, after checking that the
-    disk has room for it. Damaged or partial cache files are rebuilt; both files are written atomically."""
-    key = hashlib.sha1(f"v{PIXEL_CACHE_VERSION}:{dataset.cache_key()}:{dataset.max_pixels}".encode()).hexdigest()[:20]
+    content (`dataset.cache_key()`) and `head`; built on first use, by threads decoding in parallel, after checking
+    that the disk has room for it. Damaged or partial cache files are rebuilt; both files are written atomically.
+
+    head: the fixed first steps of the transform (`resnetkit.data.transforms.fixed_head`: TrimAspect, a resize of
+    the shorter side), done to each image before it is stored, so that the transform is left the rest (the loaders
+    leave them out): the same bits as running them per sample, without resizing every image every epoch."""
+    head = list(head)
+    described = [repr(step) for step in head]
+    identity = f"v{PIXEL_CACHE_VERSION}:{dataset.cache_key()}:{dataset.max_pixels}:{described}"
+    key = hashlib.sha1(identity.encode()).hexdigest()[:20]
     base = Path(cache_dir or default_cache_dir()) / "pixels" / f"{type(dataset).__name__.lower()}-{key}"
     data_path, index_path = base.with_suffix(".u8"), base.with_suffix(".json")
     if index_path.exists():
@@ -218,7 +238,7 @@ def pixel_cache(dataset, cache_dir: str | os.PathLike | None = None, threads: in
             return PixelCache(data_path, index)
         except (OSError, ValueError, KeyError) as e:
             log.warning("ignoring unreadable pixel cache %s (%s); rebuilding it", index_path, e)
-    need = _pixel_bytes(dataset)
+    need = _pixel_bytes(dataset, head)
     data_path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(data_path.parent).free
     if need > 0.95 * free:
@@ -228,13 +248,16 @@ def pixel_cache(dataset, cache_dir: str | os.PathLike | None = None, threads: in
             "data.pixel_cache off"
         )
     log.info("decoding %d images once into the pixel cache %s (%.2f GB)", len(dataset.samples), data_path, need / 1e9)
-    index: dict = {"offsets": [], "shapes": [], "skipped": {}, "bytes": 0}
+    index: dict = {"offsets": [], "shapes": [], "skipped": {}, "bytes": 0, "head": described}
 
     def decode(i: int) -> torch.Tensor | BadImageError:
         try:
-            return decode_image(dataset.samples[i][0], max_pixels=dataset.max_pixels)
+            img = decode_image(dataset.samples[i][0], max_pixels=dataset.max_pixels)
         except BadImageError as e:
             return e
+        for step in head:  # what the transform would do first to what decode_image gives it
+            img = step(img)
+        return img
 
     def write(f) -> None:
         n, chunk = len(dataset.samples), 64  # decoded in chunks, so that memory holds a chunk, not the dataset

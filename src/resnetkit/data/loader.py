@@ -19,12 +19,14 @@ shard evaluation without padding duplicates (each sample seen exactly once acros
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torchvision.transforms import v2
 
 from resnetkit.data import fast
 from resnetkit.data.datasets import (
@@ -54,6 +56,7 @@ from resnetkit.data.transforms import (
     check_extras,
     check_preprocess,
     decode_min_size,
+    fixed_head,
     normalize,
     preprocess_info,
 )
@@ -331,16 +334,33 @@ def collate_skipping(batch: list, stack: bool = True) -> tuple[Any, Any, list[tu
     stack: images and targets stacked into tensors (labels as int64); False keeps them as lists (detection: images
     of different sizes, a dict of boxes per image).
     """
-    good = [s for s in batch if not isinstance(s, SkippedSample)]
-    skipped = [(s.path, s.reason) for s in batch if isinstance(s, SkippedSample)]
+    good, skipped = _split(batch)
     if not stack:
         return [s[0] for s in good], [s[1] for s in good], skipped
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.int64), skipped
-    images = torch.stack([s[0] for s in good])
-    targets = [s[1] for s in good]
-    labels = torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets, dtype=torch.int64)
-    return images, labels, skipped
+    return _stack([s[0] for s in good]), _labels([s[1] for s in good]), skipped
+
+
+def _split(batch: list) -> tuple[list, list[tuple[str, str]]]:
+    """(the samples, the (path, reason) of each SkippedSample)."""
+    good = [s for s in batch if not isinstance(s, SkippedSample)]
+    return good, [(s.path, s.reason) for s in batch if isinstance(s, SkippedSample)]
+
+
+def _labels(targets: list) -> torch.Tensor:
+    return torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets, dtype=torch.int64)
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, into shared memory when this runs in a loader's worker process (as torch's default_collate
+    does): the batch then reaches the main process without another copy into shared memory on the way."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(images)
+    first = images[0]
+    shape = (len(images), *first.shape)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * first.dtype.itemsize)
+    return torch.stack(images, out=torch.empty(0, dtype=first.dtype).set_(storage, 0, shape))
 
 
 def collate_lists(batch: list) -> tuple[list, list, list[tuple[str, str]]]:
@@ -361,16 +381,18 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 class _PlanSampler(torch.utils.data.Sampler):
     """Yields the loader's remaining batches of the epoch as [(index, seed)], read afresh each epoch (works with
-    persistent workers). The seed drives that sample's random augmentation (None: no augmentation)."""
+    persistent workers). The seed drives that sample's random augmentation (None: no augmentation). With `slots`,
+    [(index, seed, slot)]: the `BatchSlots` slot that batch is stacked into (batch number modulo their count)."""
 
-    def __init__(self, loader: Loader):
-        self.loader = loader
+    def __init__(self, loader: Loader, slots: int = 0):
+        self.loader, self.slots = loader, slots
 
     def __iter__(self):
         loader = self.loader
         batches = loader.plan()
         for b in range(loader.position, len(batches)):
-            yield [(i, self.seed(b, j, i)) for j, i in enumerate(batches[b].tolist())]
+            slot = (b % self.slots,) if self.slots else ()
+            yield [(i, self.seed(b, j, i), *slot) for j, i in enumerate(batches[b].tolist())]
 
     def seed(self, b: int, j: int, index: int) -> int | None:
         """Sample `index`'s augmentation seed, at place j of batch b: from (seed, epoch, index), so the number of
@@ -398,12 +420,45 @@ class SeededSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: tuple[int, int | None]):
-        index, seed = item
+    def __getitem__(self, item: tuple[int, int | None] | tuple[int, int | None, int]):
+        index, seed, *slot = item  # slot: see `BatchSlots`, passed on with the sample
         if seed is None:
-            return self.dataset[index]
-        with _seeded(seed):
-            return self.dataset[index]
+            sample = self.dataset[index]
+        else:
+            with _seeded(seed):
+                sample = self.dataset[index]
+        return sample if not slot or isinstance(sample, SkippedSample) else (*sample, *slot)
+
+
+class BatchSlots:
+    """Shared memory that worker processes stack a loader's uint8 batches into, the same few slots batch after
+    batch; the batch that reaches this process is then a slot number, which it normalises into a float batch of its
+    own. The DataLoader's way, a new shared-memory segment per batch, page-faults every page of it twice (the worker
+    writing it, this process reading it): on the 2-core VM of BENCHMARKS.md that cost as much time as cutting and
+    flipping the pixels. Slot b % count takes batch b; with count above the batches the DataLoader keeps in flight
+    (prefetch_factor x workers), a slot is written again only after this process has read it. Images of another
+    shape than the slots' are stacked the usual way."""
+
+    def __init__(self, count: int, batch_size: int, image_shape: Sequence[int]) -> None:
+        self.count = count
+        shape = (count, batch_size, *image_shape)
+        storage = torch.UntypedStorage._new_shared(math.prod(shape))  # untouched: pages come as slots fill
+        self.images = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+
+    def collate(self, batch: list) -> tuple[Any, Any, list[tuple[str, str]]]:
+        """`collate_skipping` of (image, target, slot) samples, the images stacked into their slot: (slot number,
+        labels, skipped); `batch_of` gives the images back."""
+        good, skipped = _split(batch)
+        images = [s[0] for s in good]
+        if not good or any(image.shape != self.images.shape[2:] for image in images):
+            return collate_skipping([s if isinstance(s, SkippedSample) else s[:2] for s in batch])
+        slot = good[0][2]
+        torch.stack(images, out=self.images[slot, : len(images)])
+        return slot, _labels([s[1] for s in good]), skipped
+
+    def batch_of(self, images: torch.Tensor | int, count: int) -> torch.Tensor:
+        """The batch a collate returned: its images, or the first `count` images of its slot."""
+        return self.images[images, :count] if isinstance(images, int) else images
 
 
 def default_workers() -> int:
@@ -416,8 +471,9 @@ class FileLoader(Loader):
 
     transform_for(augmenting) -> the dataset's transform (tasks give their own, e.g. one that moves boxes with the
     pixels). Without one, the preset's: workers then hand back uint8 images (a quarter of the float bytes to pass
-    between processes), which this process normalises a batch at a time on the device (random erasing too); large
-    JPEGs are decoded at the reduced scale the transform allows (`decode_min_size`, `RandomResizedCropPlan`).
+    between processes; for the CPU, stacked into reused shared memory, `BatchSlots`), which this process normalises a
+    batch at a time on the device (random erasing too); large JPEGs are decoded at the reduced scale the transform
+    allows (`decode_min_size`, `RandomResizedCropPlan`).
     collate: `collate_skipping` (stacked batches) or `collate_lists` (lists, for images of different sizes).
     workers: None picks `default_workers()`. Call `close()` (or let the engine do it) to stop the workers.
     """
@@ -454,14 +510,22 @@ class FileLoader(Loader):
         self.skipped: list[tuple[str, str]] = []
         self._reported: set[str] = set()
         workers = default_workers() if workers is None else workers
+        prefetch = 4 if workers > 0 else None
+        # Preset batches for the CPU are stacked into reused shared memory; for an accelerator the DataLoader's
+        # pinned copies (made by its own thread) feed asynchronous transfers.
+        self._slots = None
+        if self._batch_normalize and collate is collate_skipping and device.type == "cpu":
+            size = preprocess["input_size"]
+            self._slots = BatchSlots(prefetch * workers + 1 if workers else 1, batch_size, (3, size, size))
+            collate = self._slots.collate
         self.loader = torch.utils.data.DataLoader(
             SeededSamples(dataset),
-            batch_sampler=_PlanSampler(self),
+            batch_sampler=_PlanSampler(self, self._slots.count if self._slots else 0),
             num_workers=workers,
             collate_fn=collate,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=prefetch,
             generator=torch.Generator().manual_seed(_mix(seed, rank)),
         )
 
@@ -476,7 +540,7 @@ class FileLoader(Loader):
 
     def _preset_transform(self, augmenting: bool):
         p = self.preprocess
-        return build_transform(
+        transform = build_transform(
             p["preset"],
             augmenting,
             p["mean"],
@@ -486,6 +550,14 @@ class FileLoader(Loader):
             planned_crop=self._planned(augmenting),
             normalized=False,
         )
+        done = getattr(self.dataset, "pixels", None)
+        done = done.head if done is not None else []
+        if done:  # the pixel cache holds the images with the transform's first steps done (`fixed_head`)
+            steps = transform.transforms
+            if [repr(step) for step in steps[: len(done)]] != done:
+                raise ValueError(f"the pixel cache's images were stored after {done}, not this transform's {steps}")
+            transform = v2.Compose(steps[len(done) :])
+        return transform
 
     def _configure(self, augmenting: bool) -> None:
         self.dataset.transform = self._transform_for(augmenting)
@@ -521,6 +593,8 @@ class FileLoader(Loader):
                         self._reported.add(path)
                         new.append((path, reason))
                 if len(targets):
+                    if self._slots is not None:
+                        images = self._slots.batch_of(images, len(targets))
                     images = self._finish(images) if self._batch_normalize else to_device(images, self.device)
                     yield images, to_device(targets, self.device)
         finally:  # also when the consumer stops early: every bad file is reported once
@@ -629,8 +703,6 @@ def build_loader(
     from resnetkit.data import fast as fastlib
 
     data = fastlib.load_tensors(dataset, cache_dir, strict) if fast else None
-    if pixel_cache and not fast and hasattr(dataset, "pixels"):
-        dataset.pixels = fastlib.pixel_cache(dataset, cache_dir)
     if given:
         preprocess = given
     else:
@@ -641,6 +713,11 @@ def build_loader(
         if size is None and preset_name == "cifar" and isinstance(dataset, (Shapes, ShapesMulti, CifarMosaic)):
             size = dataset.image_size
         preprocess = preprocess_info(preset_name, mean, std, input_size=size)
+    if pixel_cache and not fast and hasattr(dataset, "pixels"):
+        # Stored with the transform's fixed first steps done, where nothing comes before them (a bird box crop, a
+        # fixed image_size): the workers then only crop and flip.
+        head = fixed_head(preprocess, train) if dataset.accepts_decode_hints else []
+        dataset.pixels = fastlib.pixel_cache(dataset, cache_dir, head=head)
     common = dict(
         batch_size=batch_size,
         train=train,
