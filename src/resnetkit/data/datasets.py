@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from resnetkit.data.image import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, BadImageError, decode_image
+from resnetkit.data.image import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    BadImageError,
+    decode_image,
+    parallel_decoders,
+)
 
 log = logging.getLogger("resnetkit.data")
 
@@ -830,7 +836,7 @@ class CifarMosaic(torch.utils.data.Dataset):
         """Every mosaic decoded (threads: the decoder releases the GIL) as uint8 (N, 3, H, W) and multi-hot (N, C)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(parallel_decoders()) as pool:
             images = list(pool.map(self.load, range(len(self))))
         return torch.stack(images), torch.stack([self.target(i) for i in range(len(self))])
 

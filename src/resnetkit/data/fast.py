@@ -30,7 +30,7 @@ import torch
 
 from resnetkit.checkpoint import CheckpointError, torch_load
 from resnetkit.data.datasets import CIFAR, Shapes, log, report_skipped
-from resnetkit.data.image import BadImageError, decode_image, image_size
+from resnetkit.data.image import BadImageError, decode_image, image_size, parallel_decoders
 from resnetkit.fileio import write_atomic
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied by the one decoder
@@ -71,7 +71,7 @@ def decode_files(dataset, strict: bool = False, threads: int | None = None) -> T
     if not samples:
         raise ValueError(f"dataset {getattr(dataset, 'root', '')} has no images")
     size = dataset.image_size or first_image_side(dataset)
-    threads = threads or min(8, os.cpu_count() or 1)
+    threads = threads or parallel_decoders()
     # torchvision's decoders release the GIL, so threads decode in parallel without pickling tensors between processes.
     with ThreadPoolExecutor(threads) as pool:
         decoded = list(pool.map(lambda i: _decode_checked(dataset, i, size), range(len(samples))))
@@ -262,7 +262,7 @@ def pixel_cache(
     def write(f) -> None:
         n, chunk = len(dataset.samples), 64  # decoded in chunks, so that memory holds a chunk, not the dataset
         # torchvision's and Pillow's decoders release the GIL: threads decode in parallel.
-        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(threads or parallel_decoders()) as pool:
             for first in range(0, n, chunk):
                 for i, img in enumerate(pool.map(decode, range(first, min(first + chunk, n))), first):
                     index["offsets"].append(index["bytes"])

@@ -117,6 +117,12 @@ def _draft_scale(img: Image.Image, min_size: int | None) -> tuple[int, int] | No
     return -(-img.width // scale), -(-img.height // scale)
 
 
+def parallel_decoders() -> int:
+    """How many threads (or loader worker processes) decode images side by side when nothing says: one per core, at
+    most 8."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
 def decode_image(
     source: str | os.PathLike | bytes,
     *,

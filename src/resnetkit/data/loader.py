@@ -41,7 +41,7 @@ from resnetkit.data.datasets import (
     report_skipped,
     stratified_indices,
 )
-from resnetkit.data.image import BadImageError
+from resnetkit.data.image import BadImageError, parallel_decoders
 from resnetkit.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -462,8 +462,8 @@ class BatchSlots:
 
 
 def default_workers() -> int:
-    """Loader worker processes when a config does not say: one per core, at most 8."""
-    return max(1, min(os.cpu_count() or 1, 8))
+    """Loader worker processes when a config does not say: one per core, at most 8 (`parallel_decoders`)."""
+    return parallel_decoders()
 
 
 class FileLoader(Loader):
