@@ -1,6 +1,6 @@
 """Training throughput (images/s): resnetkit's training step against a plain torchvision loop, same machine, one run.
 
-    python benchmarks/train_throughput.py [--steps 10] [--threads 2]
+    python benchmarks/train_throughput.py [--steps 10] [--repeats 3] [--threads 2]
 
 Both train the same architecture on the same random batch (the data pipeline is left out: this measures the step):
 - ResNet-18 with the CIFAR stem (3x3 conv, no max-pool) at 32 px, batch 128;
@@ -8,16 +8,19 @@ Both train the same architecture on the same random batch (the data pipeline is 
 "plain" is the textbook loop on torchvision's model (NCHW, fp32). "ours" is resnetkit.train.loop.train_step with the
 recipe's flags (channels_last; bf16 autocast too on a GPU) in a process set up as `resnetkit.train` sets it up
 (`train.keep_freed_memory`: glibc's malloc keeps freed memory for reuse). Every measurement runs in a fresh process
-of its own, so no loop inherits another's allocator state or caches. `--compile` adds a column for
-`train.compile: true` (the model torch.compile'd as the engine does it; the compilation happens in the warm-up
-steps, outside the timing). `--bf16` adds one for `train.amp: bf16` (autocast on a CPU too). `--system-malloc` adds
-one for ours with `train.keep_freed_memory: false`. `--profile` prints, for ours, the operators that take the most
-CPU time in the timed steps (torch.profiler; ours' rate in that run includes the profiler's overhead).
+of its own, so no loop inherits another's allocator state or caches; the loops take turns `--repeats` times and the
+table shows each one's median (and the range of the speed-ups over the rounds, plain's round against ours').
+`--compile` adds a column for `train.compile: true` (the model torch.compile'd as the engine does it; the
+compilation happens in the warm-up steps, outside the timing). `--bf16` adds one for `train.amp: bf16` (autocast on
+a CPU too). `--system-malloc` adds one for ours with `train.keep_freed_memory: false`. `--profile` prints, for ours,
+the operators that take the most CPU time in the timed steps (torch.profiler; ours' rate in that run includes the
+profiler's overhead).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -127,6 +130,7 @@ def measure(kind: str, name: str, cifar: bool, size: int, batch: int, steps: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per case (after 2 warm-up steps)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of every loop, taking turns (medians shown)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--compile", action="store_true", help="add a column for ours with train.compile: true")
     ap.add_argument("--bf16", action="store_true", help="add a column for ours with train.amp: bf16 (for a CPU)")
@@ -150,15 +154,26 @@ def main() -> None:
     print(f"| {'case':40s} | plain torchvision img/s | resnetkit img/s | speed-up |{extra}")
     rule = f"|{'-' * 42}|-------------------------|-----------------|----------|"
     print(rule + "".join("-" * (len(title) + 8) + "|----------|" for title in variants))
+    loops = {"plain": ("plain", {}), "ours": ("ours", {"profile": args.profile})}
+    loops |= {title: ("ours", flags) for title, flags in variants.items()}
+    ranges = []
     for title, name, cifar, size, batch, steps in cases:
         case = (name, cifar, size, batch, steps)
-        a = isolated(measure, "plain", *case, {}, args.threads)
-        b = isolated(measure, "ours", *case, {"profile": args.profile}, args.threads)
-        row = f"| {title:40s} | {a:23.1f} | {b:15.1f} | {b / a:7.2f}x |"
-        for title, flags in variants.items():
-            c = isolated(measure, "ours", *case, flags, args.threads)
-            row += f" {c:{len(title) + 6}.1f} | {c / a:7.2f}x |"
+        rates = {loop: [] for loop in loops}
+        for _ in range(args.repeats):  # taking turns, so a slow spell of the machine hits every loop
+            for loop, (kind, flags) in loops.items():
+                rates[loop].append(isolated(measure, kind, *case, flags, args.threads))
+        a = statistics.median(rates["plain"])
+        row = f"| {title:40s} | {a:23.1f} |"
+        for loop in list(loops)[1:]:
+            b = statistics.median(rates[loop])
+            width = 15 if loop == "ours" else len(loop) + 6
+            row += f" {b:{width}.1f} | {b / a:7.2f}x |"
+            ratios = [ours / plain for ours, plain in zip(rates[loop], rates["plain"])]
+            ranges.append(f"{title}, {loop}: speed-up per round {min(ratios):.2f}x-{max(ratios):.2f}x")
         print(row, flush=True)
+    if args.repeats > 1:
+        print("\n".join(ranges))
 
 
 if __name__ == "__main__":

@@ -200,9 +200,15 @@ def test_optimisation_flags_together(tiny, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_amp_auto_picks_bf16_only_on_a_cpu_with_amx(tiny, tmp_path, monkeypatch):
-    """train.amp auto: bf16 autocast where the CPU has AMX tiles, fp32 elsewhere; explicit values stay as set."""
+def test_amp_auto_picks_bf16_only_on_a_cpu_with_bf16_in_hardware(tiny, tmp_path, monkeypatch):
+    """train.amp auto: bf16 autocast where the CPU has AMX tiles or AVX512-BF16, fp32 elsewhere; explicit values stay
+    as set."""
     cpu = torch.device("cpu")
+    for amx, avx512_bf16 in ((True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda has=avx512_bf16: has)
+        assert resolve_amp("auto", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     for amx, expected in ((True, "bf16"), (False, "none")):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         assert resolve_amp("auto", cpu) == expected

@@ -276,7 +276,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     amp: str = "none"
     """Mixed precision: none, bf16, fp16 (with a GradScaler) or auto (bf16 where this machine runs it fast: a CUDA GPU
-    with bf16, else fp16; a CPU with AMX tiles; else none)."""
+    with bf16, else fp16; a CPU with AMX tiles or AVX512-BF16; else none)."""
     channels_last: bool = False
     compile: bool = False
     """torch.compile the model."""

@@ -31,13 +31,14 @@ class NonFiniteLoss(RuntimeError):
 
 def resolve_amp(amp: str, device: torch.device) -> str:
     """train.amp on this device: `auto` becomes bf16 on a CUDA GPU that has it (fp16 on older ones) and on a CPU
-    with AMX tiles, whose bf16 convolutions ran 3.5x the fp32 step in BENCHMARKS.md; none elsewhere (without AMX,
-    e.g. AVX2 only, CPU bf16 is emulated and slower than fp32)."""
+    with bf16 arithmetic in hardware: AMX tiles (recent Xeons: the bf16 step ran 2.5x ours in fp32 in BENCHMARKS.md)
+    or AVX512-BF16 instructions (e.g. AMD Zen 4: 1.6-1.9x); none elsewhere (AVX2 only: CPU bf16 is emulated and
+    slower than fp32)."""
     if amp != "auto":
         return amp
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and torch.cpu._is_amx_tile_supported():
+    if device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()):
         return "bf16"
     return "none"
 
