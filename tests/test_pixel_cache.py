@@ -92,6 +92,16 @@ def test_the_cache_holds_each_decoded_image_and_cuts_regions_from_it(imagenet_sa
     assert cache.path.parent == tmp_path / "cache" / "pixels" and cache.path.stat().st_size == pixels
 
 
+def test_a_training_loader_over_files_names_the_cache_when_it_is_off(imagenet_sample, tmp_path, caplog):
+    root = photo_folder(imagenet_sample, tmp_path / "data")
+    options = dict(preset="imagenet", batch_size=4, workers=0, cache_dir=tmp_path / "cache")
+    for pixel_cache, train, hinted in ((False, True, True), (True, True, False), (False, False, False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="resnetkit"):
+            build_loader(root, "train", train=train, pixel_cache=pixel_cache, **options)
+        assert ("each epoch decodes the 7 image files again" in caplog.text) == hinted, (pixel_cache, train)
+
+
 def test_a_bad_file_is_reported_once_and_strict_names_it(imagenet_sample, tmp_path, caplog):
     root = photo_folder(imagenet_sample, tmp_path / "data")
     options = dict(preset="imagenet", batch_size=4, train=False, workers=0, cache_dir=tmp_path / "cache")

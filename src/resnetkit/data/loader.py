@@ -38,6 +38,7 @@ from resnetkit.data.datasets import (
     ShapesMulti,
     SkippedSample,
     build_dataset,
+    log,
     report_skipped,
     stratified_indices,
 )
@@ -718,6 +719,12 @@ def build_loader(
         # fixed image_size): the workers then only crop and flip.
         head = fixed_head(preprocess, train) if dataset.accepts_decode_hints else []
         dataset.pixels = fastlib.pixel_cache(dataset, cache_dir, head=head)
+    elif train and not fast and hasattr(dataset, "pixels") and dataset.samples:
+        log.info(
+            "each epoch decodes the %d image files again; data.pixel_cache: true decodes them once into a cache on "
+            "disk (for photos of up to a few megapixels 3-5x the images/s in BENCHMARKS.md)",
+            len(dataset.samples),
+        )
     common = dict(
         batch_size=batch_size,
         train=train,
