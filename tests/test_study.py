@@ -209,6 +209,20 @@ def test_compare_three_optimisers_table_figure_page_and_reuse(cifar10_jpg, tmp_p
     assert "holds a run of another recipe (data.subset differ)" in capsys.readouterr().err
 
 
+def test_a_run_folder_is_kept_across_machine_settings_and_refused_for_another_recipe(tmp_path):
+    import yaml
+
+    from resnetkit.config import config_from_dict
+    from resnetkit.study.compare import _check_same_recipe
+
+    base = {"model": {"name": "resnet20"}, "data": {"name": "shapes"}, "train": {"epochs": 2}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_from_dict(base).to_dict()))
+    machine = {"threads": 1, "device": "cpu", "log_every_s": 5, "keep_freed_memory": False}
+    _check_same_recipe(tmp_path, config_from_dict({**base, "train": {"epochs": 2, **machine}}))
+    with pytest.raises(ValueError, match="another recipe \\(train.epochs differ\\)"):
+        _check_same_recipe(tmp_path, config_from_dict({**base, "train": {"epochs": 3}}))
+
+
 # ---- tune
 
 

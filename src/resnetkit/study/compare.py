@@ -161,6 +161,7 @@ def _check_same_recipe(run_dir: Path, cfg: Config) -> None:
 _MACHINE_KEYS = {
     "train.threads",
     "train.device",
+    "train.keep_freed_memory",
     "train.log_every_s",
     "data.workers",
     "data.cache_dir",
