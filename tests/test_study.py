@@ -26,7 +26,7 @@ from test_train_real import _wait_for_checkpoint
 
 from resnetkit.cli import main
 from resnetkit.config import ConfigError, config_from_dict
-from resnetkit.study.compare import parse_vary, variants
+from resnetkit.study.compare import _check_same_recipe, parse_vary, variants
 from resnetkit.study.recipe import OPTIM_PRESETS, SOURCE_OPTIMIZERS, with_values
 from resnetkit.study.tune import Dimension, TuneResult, load_space, write_study_report
 
@@ -210,11 +210,6 @@ def test_compare_three_optimisers_table_figure_page_and_reuse(cifar10_jpg, tmp_p
 
 
 def test_a_run_folder_is_kept_across_machine_settings_and_refused_for_another_recipe(tmp_path):
-    import yaml
-
-    from resnetkit.config import config_from_dict
-    from resnetkit.study.compare import _check_same_recipe
-
     base = {"model": {"name": "resnet20"}, "data": {"name": "shapes"}, "train": {"epochs": 2}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_from_dict(base).to_dict()))
     machine = {"threads": 1, "device": "cpu", "log_every_s": 5, "keep_freed_memory": False}

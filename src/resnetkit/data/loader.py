@@ -714,17 +714,18 @@ def build_loader(
         if size is None and preset_name == "cifar" and isinstance(dataset, (Shapes, ShapesMulti, CifarMosaic)):
             size = dataset.image_size
         preprocess = preprocess_info(preset_name, mean, std, input_size=size)
-    if pixel_cache and not fast and hasattr(dataset, "pixels"):
-        # Stored with the transform's fixed first steps done, where nothing comes before them (a bird box crop, a
-        # fixed image_size): the workers then only crop and flip.
-        head = fixed_head(preprocess, train) if dataset.accepts_decode_hints else []
-        dataset.pixels = fastlib.pixel_cache(dataset, cache_dir, head=head)
-    elif train and not fast and hasattr(dataset, "pixels") and dataset.samples:
-        log.info(
-            "each epoch decodes the %d image files again; data.pixel_cache: true decodes them once into a cache on "
-            "disk (for photos of up to a few megapixels 3-5x the images/s in BENCHMARKS.md)",
-            len(dataset.samples),
-        )
+    if not fast and hasattr(dataset, "pixels"):  # image files, decoded sample by sample
+        if pixel_cache:
+            # Stored with the transform's fixed first steps done, where nothing comes before them (a bird box crop,
+            # a fixed image_size): the workers then only crop and flip.
+            head = fixed_head(preprocess, train) if dataset.accepts_decode_hints else []
+            dataset.pixels = fastlib.pixel_cache(dataset, cache_dir, head=head)
+        elif train and dataset.samples:
+            log.info(
+                "each epoch decodes the %d image files again; data.pixel_cache: true decodes them once into a cache "
+                "on disk (for photos of up to a few megapixels 3-5x the images/s in BENCHMARKS.md)",
+                len(dataset.samples),
+            )
     common = dict(
         batch_size=batch_size,
         train=train,
